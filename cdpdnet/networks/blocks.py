@@ -1,0 +1,60 @@
+"""nnU-Net building blocks (``Generic_UNet`` of nnU-Net v1, as used by UniSeg and CDPDNet).
+
+``ConvNormAct`` is nnU-Net's ``ConvDropoutNormNonlin`` without the dropout (the reference uses p=0,
+so no dropout layer exists): Conv3d (bias) -> InstanceNorm3d (affine) -> LeakyReLU(0.01).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+from torch import nn
+
+__all__ = ["ConvNormAct", "StackedConvLayers", "init_he", "he_init_"]
+
+
+def _pad(kernel: Sequence[int]) -> tuple[int, ...]:
+    return tuple((k - 1) // 2 for k in kernel)
+
+
+class ConvNormAct(nn.Sequential):
+    """``[B, Cin, *S] -> [B, Cout, *S/stride]``: Conv3d -> InstanceNorm3d -> LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = (3, 3, 3),
+                 stride: Sequence[int] | int = 1, negative_slope: float = 1e-2, eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, tuple(kernel), stride, _pad(kernel), bias=True)
+        self.instnorm = nn.InstanceNorm3d(out_channels, eps=eps, affine=True)
+        self.lrelu = nn.LeakyReLU(negative_slope, inplace=True)
+
+
+class StackedConvLayers(nn.Sequential):
+    """``n`` ConvNormAct; the first one maps ``in -> out`` and carries the stride (convolutional pooling).
+
+    ``hidden_channels`` (default ``out_channels``) gives the width of all but the last conv, which is
+    how UniSeg's ``StackedFusionConvLayers`` (331 -> 82 -> 82 -> 11) is built.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_convs: int = 2, kernel: Sequence[int] = (3, 3, 3),
+                 first_stride: Sequence[int] | int = 1, hidden_channels: int | None = None):
+        hidden = out_channels if hidden_channels is None else hidden_channels
+        widths = [in_channels] + [hidden] * (num_convs - 1) + [out_channels]
+        super().__init__(*[
+            ConvNormAct(widths[i], widths[i + 1], kernel, first_stride if i == 0 else 1) for i in range(num_convs)
+        ])
+
+
+def init_he(module: nn.Module, neg_slope: float = 1e-2) -> None:
+    """nnU-Net's ``InitWeights_He``: kaiming-normal conv weights (a=neg_slope), zero bias."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.kaiming_normal_(module.weight, a=neg_slope)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def he_init_(modules: Sequence[nn.Module]) -> None:
+    for m in modules:
+        m.apply(init_he)
+
+

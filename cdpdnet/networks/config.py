@@ -1,0 +1,78 @@
+"""Network hyper-parameters as data (see ``cdpdnet/presets/*.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+__all__ = ["NetworkConfig"]
+
+
+@dataclass
+class NetworkConfig:
+    """Everything that fixes the shape of a :class:`~cdpdnet.networks.cdpdnet.CDPDNet`.
+
+    Defaults are the reference's (``train.py``'s ``CDPDNet(...)`` call, reference section 1.1).
+    """
+
+    in_channels: int = 1
+    num_classes: int = 32
+    num_tasks: int = 11
+    base_features: int = 32
+    max_features: int = 320
+    feature_multiplier: int = 2
+    pool_strides: list = field(default_factory=lambda: [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]])
+    conv_kernels: list = field(default_factory=lambda: [[1, 3, 3]] + [[3, 3, 3]] * 5)
+    convs_per_stage: int = 2
+    fusion_stages: list = field(default_factory=lambda: [2, 3, 4])
+    dino_layers: list = field(default_factory=lambda: [-3, -2, -1])
+    dino_dim: int = 768
+    dino_group: int = 14
+    attn_heads: int = 4
+    attn_window: int = 3
+    attn_depth: int = 2
+    attn_mlp_ratio: float = 4.0
+    attn_qkv_bias: bool = False
+    attn_drop_path: float = 0.3
+    attn_drop_path_blocks: int = 10
+    text_dim: int = 512
+    text_proj_dim: int = 256
+    reference_dead_modules: bool = False
+
+    @property
+    def num_pool(self) -> int:
+        return len(self.pool_strides)
+
+    def widths(self) -> list[int]:
+        """Channels of stages ``0..num_pool`` (the last is the bottleneck)."""
+        return [min(self.base_features * self.feature_multiplier ** d, self.max_features) for d in range(self.num_pool + 1)]
+
+    def divisor(self) -> tuple[int, int, int]:
+        """A patch size must be a multiple of this, per axis."""
+        out = [1, 1, 1]
+        for s in self.pool_strides:
+            out = [o * k for o, k in zip(out, s)]
+        return tuple(out)
+
+    def validate(self) -> None:
+        if len(self.conv_kernels) != self.num_pool + 1:
+            raise ValueError(f"conv_kernels needs {self.num_pool + 1} entries, got {len(self.conv_kernels)}")
+        if len(self.dino_layers) != len(self.fusion_stages):
+            raise ValueError("dino_layers and fusion_stages must have the same length")
+        if any(not 1 <= s < self.num_pool for s in self.fusion_stages):
+            raise ValueError(f"fusion_stages must lie in 1..{self.num_pool - 1}")
+        w = self.widths()
+        if any(w[s] % self.attn_heads for s in self.fusion_stages):
+            raise ValueError("fusion stage widths must be divisible by attn_heads")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown network settings: {sorted(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg

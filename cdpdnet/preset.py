@@ -1,0 +1,84 @@
+"""Presets as data: ``cdpdnet/presets/<name>.json`` (or any JSON file with the same fields).
+
+A preset fixes the network (:class:`~cdpdnet.networks.config.NetworkConfig`), the DINO weights,
+the text encoder, pre-processing (orientation, spacing, HU window), the patch size, the training
+recipe and the inference settings. ``paper`` is the published configuration, ``lite`` the
+CPU-sized one, ``tiny`` a plumbing-test model. All share one code path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .networks.config import NetworkConfig
+
+__all__ = ["Preset", "load_preset", "available_presets"]
+
+
+def available_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("cdpdnet.presets").iterdir() if p.name.endswith(".json"))
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class Preset:
+    name: str
+    network: NetworkConfig
+    dino: dict
+    text: dict
+    preprocess: dict
+    patch_size: list
+    train: dict
+    infer: dict
+    description: str = ""
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preset":
+        required = ("name", "network", "dino", "text", "preprocess", "patch_size", "train", "infer")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"preset is missing {missing}")
+        net = NetworkConfig.from_dict(d["network"])
+        patch = [int(v) for v in d["patch_size"]]
+        div = net.divisor()
+        if len(patch) != 3 or any(p % q for p, q in zip(patch, div)):
+            raise ValueError(f"patch_size {patch} must be 3 values divisible by {div}")
+        if patch[0] < net.dino_group:
+            raise ValueError(f"patch_size[0]={patch[0]} must be at least dino_group={net.dino_group}")
+        return cls(d["name"], net, dict(d["dino"]), dict(d["text"]), dict(d["preprocess"]), patch,
+                   dict(d["train"]), dict(d["infer"]), d.get("description", ""), copy.deepcopy(d))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "network": self.network.to_dict(),
+                "dino": self.dino, "text": self.text, "preprocess": self.preprocess, "patch_size": self.patch_size,
+                "train": self.train, "infer": self.infer}
+
+
+def load_preset(name_or_path: str | Path | dict, overrides: dict[str, Any] | None = None) -> Preset:
+    """A preset by name (``paper``, ``lite``, ``tiny``), JSON path or dict, with nested ``overrides``."""
+    if isinstance(name_or_path, dict):
+        d = name_or_path
+    else:
+        p = Path(str(name_or_path))
+        if p.suffix == ".json" and p.is_file():
+            d = json.loads(p.read_text())
+        elif str(name_or_path) in available_presets():
+            d = json.loads(resources.files("cdpdnet.presets").joinpath(f"{name_or_path}.json").read_text())
+        else:
+            raise ValueError(f"unknown preset {str(name_or_path)!r}: use one of {available_presets()} or a JSON file")
+    return Preset.from_dict(_deep_update(d, overrides or {}))

@@ -1,0 +1,451 @@
+"""Partial-label training of CDPDNet (reference section 4), on CPU, one GPU or many (``torchrun``).
+
+* samples: image + ROI-valued label + the set of annotated ROIs (:mod:`cdpdnet.data`);
+* uniform sampling over source datasets; per volume ``num_samples`` crops: positive/negative crops
+  around annotated foreground, or label-class crops weighted ``tumor_ratios`` (background, organ,
+  lesion) for sources that annotate lesions; optional rot90 and intensity shift;
+* loss: BCE + Dice over the (sample, annotated ROI) pairs only (:class:`cdpdnet.loss.PartialLabelLoss`),
+  or the naive baseline that treats unannotated ROIs as background;
+* AdamW, linear warm-up + cosine schedule stepped once per epoch at its start (as the reference);
+* bf16 autocast on CUDA; DDP under ``torchrun`` where only rank 0 logs and writes;
+* atomic checkpoints every epoch (``last.pt``: resumable) and the published model (``model.pt``);
+* a progress bar, a JSON-lines metrics log, a stop flag and a time budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    LoadImaged,
+    EnsureChannelFirstd,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandRotate90d,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
+from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
+from .loss import NaiveBackgroundLoss, PartialLabelLoss
+from .preprocessing import preprocess_transforms
+from .preset import Preset, load_preset
+from .taxonomy import NUM_CLASSES, ROIS
+
+__all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr"]
+
+LESIONS = np.array([0] + [1 if r.is_lesion else 0 for r in ROIS], dtype=np.uint8)
+
+
+@dataclass
+class TrainConfig:
+    """Run settings; ``None`` fields take the preset's ``train`` values."""
+
+    out_dir: str = "runs/cdpdnet"
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+    batch_size: int | None = None
+    num_samples: int | None = None
+    device: str = "auto"
+    amp: bool | None = None  # default: bf16 autocast on CUDA only
+    seed: int = 0
+    loss: str = "partial"  # or "naive": unannotated ROIs as background (baseline)
+    text_encoder: str | None = None  # default: the preset's
+    init_checkpoint: str | None = None  # fine-tune from this model
+    resume: bool = False  # continue from out_dir/last.pt
+    max_minutes: float | None = None  # time budget; stops cleanly after the running iteration
+    val_every: int = 0  # epochs between validations (0 = never)
+    progress: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    bce: float
+    dice_loss: float
+    lr: float
+    seconds: float
+    iterations: int
+    val_dice: float | None = None
+    val_per_roi: dict = field(default_factory=dict)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_cosine_lr(step: int, base_lr: float, warmup: int, total: int, start_lr: float = 0.0,
+                     eta_min: float = 0.0) -> float:
+    """``LinearWarmupCosineAnnealingLR`` (pl_bolts, used by the reference) as a pure function of the step."""
+    if warmup > 1 and step < warmup:
+        return start_lr + step * (base_lr - start_lr) / (warmup - 1)
+    if step >= total or total <= warmup:
+        return eta_min if step >= total else base_lr
+    return eta_min + 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+class _Distributed:
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float, device) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class _CaseCache:
+    """Deterministic part of the pipeline (load, remap, RAS, spacing, HU window, body crop), done once."""
+
+    def __init__(self, preset: Preset):
+        self.load = LoadImaged(["image", "label"], image_only=True)
+        self.channel = EnsureChannelFirstd(["image", "label"])
+        self.remap = RemapLabelValuesd("label")
+        self.pre = preprocess_transforms(preset.preprocess, keys=("image",), label_keys=("label",))
+        self.pad = SpatialPadd(["image", "label"], preset.patch_size)
+        self.cache: dict[str, dict] = {}
+
+    def __call__(self, d: dict) -> dict:
+        key = d["image"] + "|" + str(d.get("label"))
+        if key not in self.cache:
+            x = self.pad(self.pre(self.remap(self.channel(self.load(dict(d))))))
+            lab = np.asarray(x["label"]).astype(np.uint8)
+            x["label"] = x["label"].to(torch.uint8) if torch.is_tensor(x["label"]) else lab
+            # three-class map for label-class crops: 0 background, 1 annotated organ, 2 annotated lesion
+            x["classes"] = torch.from_numpy(np.where(lab > 0, 1 + LESIONS[lab], 0).astype(np.uint8))
+            x["image"] = x["image"].float()
+            self.cache[key] = {k: v for k, v in x.items() if k in ("image", "label", "classes")}
+        out = dict(d)
+        out.update(self.cache[key])
+        return out
+
+
+class _RandomCrops:
+    """Per volume: ``num_samples`` crops (pos/neg, or lesion-weighted label classes), augmentation, targets."""
+
+    def __init__(self, preset: Preset, num_samples: int, seed: int):
+        t = preset.train
+        patch = preset.patch_size
+        keys = ["image", "label"]
+        self.posneg = RandCropByPosNegLabeld(keys, "label", patch, pos=t.get("pos", 2), neg=t.get("neg", 1),
+                                             num_samples=num_samples, image_key="image", image_threshold=0,
+                                             allow_smaller=True)
+        self.by_class = RandCropByLabelClassesd(keys, "classes", patch, ratios=t.get("tumor_ratios", [1, 1, 5]),
+                                                num_classes=3, num_samples=num_samples, allow_smaller=True,
+                                                warn=False)
+        self.rot = RandRotate90d(keys, prob=t.get("rot90_prob", 0.1), max_k=3)
+        self.shift = RandShiftIntensityd("image", offsets=t.get("shift_intensity", 0.1),
+                                         prob=t.get("shift_intensity_prob", 0.2))
+        self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
+        self.pad = SpatialPadd(keys, patch)
+        for tr in (self.posneg, self.by_class, self.rot, self.shift):
+            tr.set_random_state(seed)
+
+    def __call__(self, d: dict) -> list[dict]:
+        lesions = any(ROIS[v - 1].is_lesion for v in np.flatnonzero(np.asarray(d["annotated"])) + 1)
+        if lesions:
+            crops = self.by_class({k: d[k] for k in ("image", "label", "classes")})
+        else:
+            crops = self.posneg({k: d[k] for k in ("image", "label")})
+        out = []
+        for c in crops:
+            c = self.shift(self.rot(self.pad({"image": c["image"], "label": c["label"]})))
+            c["annotated"] = d["annotated"]
+            c = self.to_channels(c)
+            out.append({"image": torch.as_tensor(c["image"]).float(), "target": torch.as_tensor(np.asarray(c["target"])),
+                        "annotated": torch.as_tensor(np.asarray(c["annotated"])), "task_id": d["task_id"]})
+        return out
+
+
+def _collate(items: list[list[dict]]) -> dict[str, torch.Tensor]:
+    flat = [c for crops in items for c in crops]
+    return {
+        "image": torch.stack([c["image"].as_tensor() if hasattr(c["image"], "as_tensor") else c["image"] for c in flat]),
+        "target": torch.stack([torch.as_tensor(c["target"]).to(torch.uint8) for c in flat]),
+        "annotated": torch.stack([c["annotated"].to(torch.float32) for c in flat]),
+        "task_id": torch.tensor([c["task_id"] for c in flat], dtype=torch.long),
+    }
+
+
+class Trainer:
+    """Train or fine-tune one model. ``run()`` returns the final summary dict.
+
+    Args:
+        samples: training samples; ``validation`` optional validation samples (fully or partially labelled).
+        preset: preset name/path/object (ignored for the network when ``cfg.init_checkpoint`` is given).
+        cfg: :class:`TrainConfig`.
+        on_epoch: callback ``(EpochStats) -> None`` (rank 0), e.g. to report progress to a server.
+        should_stop: callable returning True to stop after the running iteration.
+    """
+
+    def __init__(self, samples: Sequence[PartialSample], preset: Preset | str = "lite", cfg: TrainConfig | None = None,
+                 validation: Sequence[PartialSample] = (), on_epoch: Callable[[EpochStats], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, sources: dict[str, Sequence[int]] | None = None):
+        if not samples:
+            raise ValueError("no training samples")
+        unlabelled = [s.image for s in samples if s.label is None or not s.annotated]
+        if unlabelled:
+            raise ValueError(f"{len(unlabelled)} training samples have no label or no annotated ROI, e.g. {unlabelled[0]}")
+        self.cfg = cfg or TrainConfig()
+        self.samples = list(samples)
+        self.validation = list(validation)
+        self.on_epoch = on_epoch
+        self.should_stop = should_stop or (lambda: False)
+        self.device = _device(self.cfg.device)
+        self.dist = _Distributed(self.device)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        torch.manual_seed(self.cfg.seed + self.dist.rank)
+        self.out = Path(self.cfg.out_dir)
+
+        init = load_checkpoint(self.cfg.init_checkpoint) if self.cfg.init_checkpoint else None
+        self.preset = load_preset(init["preset"]) if init else (preset if isinstance(preset, Preset) else load_preset(preset))
+        t = self.preset.train
+        self.epochs = int(self.cfg.epochs or t["epochs"])
+        self.iters = int(self.cfg.iterations_per_epoch or t.get("iterations_per_epoch") or len(self.samples))
+        self.batch_size = int(self.cfg.batch_size or t.get("batch_size", 1))
+        self.num_samples = int(self.cfg.num_samples or t.get("num_samples", 2))
+
+        source_rois = dict(sources or {})
+        for s in self.samples:
+            source_rois.setdefault(s.source, tuple(sorted(set(source_rois.get(s.source, ())) | set(s.annotated))))
+        if init is not None:
+            self.loaded = model_from_checkpoint(init, self.device)
+            self.tasks = self.loaded.tasks
+            self.text = self.loaded.text
+        else:
+            self.tasks = [{"name": n, "rois": [int(r) for r in rs]} for n, rs in source_rois.items()]
+            self.text = self._embed_text()
+            model = build_model(self.preset, num_tasks=len(self.tasks))
+            model.net.set_text_embeddings(self.text.pop("organ_embeddings"), self.text.pop("task_embeddings"))
+            self.loaded = LoadedModel(model, self.preset, {"tasks": self.tasks, "text": self.text})
+        self.model = self.loaded.model.to(self.device)
+        self.task_index = {t["name"]: i for i, t in enumerate(self.tasks)}
+
+        params = self.model.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=float(self.cfg.lr or t["lr"]),
+                                           weight_decay=float(self.cfg.weight_decay if self.cfg.weight_decay is not None
+                                                              else t["weight_decay"]))
+        self.base_lr = float(self.cfg.lr or t["lr"])
+        self.warmup = int(self.cfg.warmup_epochs if self.cfg.warmup_epochs is not None else t["warmup_epochs"])
+        self.loss_fn = NaiveBackgroundLoss() if self.cfg.loss == "naive" else PartialLabelLoss()
+        self.amp = (self.device.type == "cuda") if self.cfg.amp is None else bool(self.cfg.amp)
+        self.start_epoch = 0
+        self.best: float | None = None
+        if self.cfg.resume and (self.out / "last.pt").is_file():
+            self._resume(load_checkpoint(self.out / "last.pt"))
+        self.net = self.model.net
+        if self.dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.preset.network.reference_dead_modules)
+
+    # ------------------------------------------------------------------------------------------
+    def _embed_text(self) -> dict:
+        from .text import build_text_encoder, compute_prompt_embeddings
+
+        enc = build_text_encoder(self.cfg.text_encoder or self.preset.text["encoder"])
+        emb = compute_prompt_embeddings(enc, tasks=[(t["name"], t["rois"]) for t in self.tasks])
+        if emb["dim"] != self.preset.network.text_dim:
+            raise ValueError(f"text encoder {emb['encoder']} gives {emb['dim']}-d embeddings but the preset's network "
+                             f"expects text_dim={self.preset.network.text_dim}")
+        return emb
+
+    def _resume(self, ck: dict) -> None:
+        self.model.net.load_state_dict(ck["state_dict"])
+        if "optimizer" in ck:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        self.start_epoch = int(ck.get("epoch", -1)) + 1
+        self.best = ck.get("best_metric")
+
+    def _dataset(self) -> UniformSourceDataset:
+        cache = _CaseCache(self.preset)
+        crops = _RandomCrops(self.preset, self.num_samples, self.cfg.seed + 1000 * self.dist.rank)
+        index = self.task_index
+
+        def transform(d: dict) -> list[dict]:
+            x = cache(d)
+            x["task_id"] = index.get(d["source"], -1)
+            return crops(x)
+
+        return UniformSourceDataset(self.samples, transform, length=self.iters * self.batch_size,
+                                    seed=self.cfg.seed + 7919 * self.dist.rank)
+
+    def _payload(self, epoch: int, with_optimizer: bool, metrics: dict) -> dict:
+        text = {k: v for k, v in self.text.items() if not torch.is_tensor(v)}
+        extra: dict[str, Any] = {"epoch": epoch, "metrics": metrics, "best_metric": self.best,
+                                 "train_config": asdict(self.cfg)}
+        if with_optimizer:
+            extra["optimizer"] = self.optimizer.state_dict()
+        return checkpoint_payload(self.model, self.preset, self.tasks, text, **extra)
+
+    def _validate(self) -> tuple[float | None, dict]:
+        if not self.validation:
+            return None, {}
+        from .imageio import load_image
+        from .inference import Segmenter
+        from .metrics import dice
+
+        self.model.eval()
+        seg = Segmenter(self.loaded, device=self.device)
+        per_roi: dict[str, list[float]] = {}
+        for s in self.validation:
+            res = seg.segment(s.image, rois=list(s.annotated), task=s.source if s.source in self.task_index else None)
+            gt = np.asarray(load_image(s.label, "label")[0]).round().astype(np.int64)
+            if s.label_values:
+                lut = np.zeros(max(max(s.label_values), int(gt.max())) + 1, dtype=np.int64)
+                for k, v in s.label_values.items():
+                    lut[k] = v
+                gt = lut[gt]
+            for v in s.annotated:
+                d = dice(res.label == v, gt == v)
+                if not math.isnan(d):
+                    per_roi.setdefault(ROIS[v - 1].name, []).append(d)
+        self.model.train()
+        means = {k: float(np.mean(v)) for k, v in per_roi.items()}
+        return (float(np.mean(list(means.values()))) if means else None), means
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, main = self.cfg, self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        ds = self._dataset()
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=0,
+                                             collate_fn=_collate)
+        log = (self.out / "metrics.jsonl") if main else None
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+        stopped, history = None, []
+        self.model.train()
+        for epoch in range(self.start_epoch, self.epochs):
+            # reference: the scheduler is stepped once per epoch, at the start of the epoch
+            lr = self._lr_for(epoch)
+            ds.set_epoch(epoch)
+            t0, sums, n = time.monotonic(), np.zeros(3), 0
+            bar = None
+            if main and cfg.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
+            for batch in loader:
+                loss = self._step(batch)
+                comp = self.loss_fn.components()
+                sums += (loss, comp.get("bce", 0.0), comp.get("dice", 0.0))
+                n += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sums[0] / n:.3f}", lr=f"{lr:.1e}")
+                if self.should_stop():
+                    stopped = "stop requested"
+                elif deadline and time.monotonic() > deadline:
+                    stopped = f"time budget of {cfg.max_minutes} min reached"
+                if stopped:
+                    break
+            if bar is not None:
+                bar.close()
+            means = [self.dist.mean(float(v) / max(n, 1), self.device) for v in sums]
+            stats = EpochStats(epoch, means[0], means[1], means[2], lr, time.monotonic() - t0, n)
+            if main and cfg.val_every and (epoch + 1) % cfg.val_every == 0 or (main and epoch == self.epochs - 1
+                                                                             and cfg.val_every):
+                stats.val_dice, stats.val_per_roi = self._validate()
+            history.append(stats)
+            if main:
+                self._save_epoch(epoch, stats)
+                with open(log, "a") as f:
+                    f.write(json.dumps(asdict(stats)) + "\n")
+                if self.on_epoch:
+                    self.on_epoch(stats)
+            if stopped:
+                break
+        summary = self._finish(history, stopped)
+        self.dist.close()
+        return summary
+
+    def _lr_for(self, epoch: int) -> float:
+        # the reference steps its scheduler at the start of each epoch: epoch e uses the value at e + 1
+        lr = warmup_cosine_lr(epoch + 1, self.base_lr, self.warmup, self.epochs)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _step(self, batch: dict) -> float:
+        x = batch["image"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        annotated = batch["annotated"].to(self.device)
+        task = batch["task_id"].to(self.device)
+        with torch.no_grad():
+            feats = self.model.dino(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.net(x, feats, task)
+        loss = self.loss_fn(logits.float(), target, annotated)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _save_epoch(self, epoch: int, stats: EpochStats) -> None:
+        metrics = {"loss": stats.loss, "val_dice": stats.val_dice}
+        save_checkpoint(self.out / "last.pt", self._payload(epoch, True, metrics))
+        if stats.val_dice is not None and (self.best is None or stats.val_dice > self.best):
+            self.best = stats.val_dice
+            save_checkpoint(self.out / "best.pt", self._payload(epoch, False, metrics))
+
+    def _finish(self, history: list[EpochStats], stopped: str | None) -> dict:
+        summary = {"epochs_done": (history[-1].epoch + 1) if history else self.start_epoch, "epochs": self.epochs,
+                   "stopped": stopped, "best_metric": self.best,
+                   "last_loss": history[-1].loss if history else None, "out_dir": str(self.out),
+                   "seconds": float(sum(h.seconds for h in history))}
+        if self.dist.main and history:
+            model_path = self.out / "model.pt"
+            src = self.out / "best.pt" if (self.out / "best.pt").is_file() else None
+            if src is not None:
+                os.replace(src, model_path) if False else save_checkpoint(model_path, load_checkpoint(src))
+            else:
+                save_checkpoint(model_path, self._payload(history[-1].epoch, False, {"loss": history[-1].loss}))
+            summary["model"] = str(model_path)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train(samples: Sequence[PartialSample], preset: Preset | str = "lite", **kwargs) -> dict:
+    """Convenience wrapper: ``train(samples, "lite", out_dir=..., epochs=...)``."""
+    validation = kwargs.pop("validation", ())
+    on_epoch = kwargs.pop("on_epoch", None)
+    should_stop = kwargs.pop("should_stop", None)
+    return Trainer(samples, preset, TrainConfig(**kwargs), validation, on_epoch, should_stop).run()
