@@ -1,0 +1,189 @@
+import numpy as np
+import pytest
+
+from cdpdnet.postprocess import (
+    DEFAULT_RULES,
+    REFERENCE_RULES,
+    axis_direction,
+    merge_to_label_map,
+    postprocess_masks,
+    split_label_map,
+    top_k_components,
+)
+
+SHAPE = (24, 20, 16)
+
+
+def box(lo, hi, shape=SHAPE):
+    m = np.zeros(shape, dtype=np.uint8)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = 1
+    return m
+
+
+def test_empty_input_gives_empty_output():
+    assert postprocess_masks({}) == {}
+    masks = {r: np.zeros(SHAPE, np.uint8) for r in range(1, 33)}
+    out = postprocess_masks(masks, spacing=(1.5, 1.5, 1.5))
+    assert set(out) == set(masks)
+    assert all(m.dtype == bool and m.shape == SHAPE and not m.any() for m in out.values())
+
+
+def test_largest_component_kept():
+    liver = box((1, 1, 1), (6, 6, 6)) | box((10, 10, 10), (12, 12, 12)) | box((20, 1, 1), (22, 3, 3))
+    out = postprocess_masks({6: liver})[6]
+    np.testing.assert_array_equal(out, box((1, 1, 1), (6, 6, 6)).astype(bool))
+
+
+def test_26_connectivity_diagonal_touch_is_one_component():
+    m = np.zeros(SHAPE, bool)
+    m[2, 2, 2] = m[3, 3, 3] = m[4, 4, 4] = True
+    m[10, 10, 10] = True
+    assert top_k_components(m, 1).sum() == 3
+
+
+def test_inputs_not_modified():
+    liver = box((1, 1, 1), (6, 6, 6)) | box((10, 10, 10), (12, 12, 12))
+    tumour = box((4, 4, 4), (8, 8, 8)) | box((18, 15, 12), (20, 17, 14))
+    vein = box((5, 5, 0), (8, 8, 16))
+    panc = box((10, 2, 6), (14, 5, 9))
+    masks = {6: liver, 27: tumour, 10: vein, 11: panc}
+    copies = {k: v.copy() for k, v in masks.items()}
+    out = postprocess_masks(masks)
+    for k in masks:
+        np.testing.assert_array_equal(masks[k], copies[k])
+        assert out[k] is not masks[k]
+
+
+def lungs():
+    """Two lungs in RAS: axis 0 runs Left -> Right, so the low-index block is the left lung."""
+    low_x = box((1, 2, 2), (8, 15, 14))  # patient's left
+    high_x = box((14, 2, 2), (23, 15, 14))  # patient's right, larger
+    return low_x, high_x
+
+
+def test_lungs_split_by_side_in_ras():
+    low_x, high_x = lungs()
+    # the model swapped the labels and left a speck: post-processing fixes both
+    right_pred = low_x.copy()
+    right_pred[11, 10, 10] = 1
+    out = postprocess_masks({16: right_pred, 17: high_x})
+    np.testing.assert_array_equal(out[17], low_x.astype(bool))  # left lung at low axis-0 index
+    np.testing.assert_array_equal(out[16], high_x.astype(bool))
+
+
+def test_lungs_split_respects_axcodes():
+    low_x, high_x = lungs()
+    out = postprocess_masks({16: low_x, 17: high_x}, axcodes="LPS")  # axis 0 runs Right -> Left
+    np.testing.assert_array_equal(out[16], low_x.astype(bool))
+    np.testing.assert_array_equal(out[17], high_x.astype(bool))
+    assert axis_direction("RAS", "R") == (0, 1) and axis_direction("LPS", "R") == (0, -1)
+
+
+def test_single_lung_component_not_deleted():
+    low_x, high_x = lungs()
+    bridge = box((8, 6, 6), (14, 8, 8))
+    merged = (low_x | high_x | bridge).astype(bool)
+    left_pred = low_x | box((8, 6, 6), (11, 8, 8))
+    right_pred = high_x | box((11, 6, 6), (14, 8, 8))
+    out = postprocess_masks({16: right_pred, 17: left_pred})
+    assert out[16].any() and out[17].any()
+    np.testing.assert_array_equal(out[16], right_pred.astype(bool))
+    np.testing.assert_array_equal(out[17], left_pred.astype(bool))
+    assert ((out[16] | out[17]) == merged).all()
+
+
+def test_single_lung_requested_alone():
+    low_x, _ = lungs()
+    extra = box((20, 18, 14), (22, 20, 16))
+    out = postprocess_masks({17: low_x | extra})
+    np.testing.assert_array_equal(out[17], low_x.astype(bool))
+
+
+def test_tumour_outside_host_removed_inside_kept():
+    liver = box((2, 2, 2), (12, 12, 12))
+    inside = box((4, 4, 4), (7, 7, 7))
+    near = box((12, 5, 5), (14, 6, 6))  # within 3 mm (2 voxels at 1.5 mm) of the liver surface
+    far = box((18, 16, 13), (20, 18, 15))
+    out = postprocess_masks({6: liver, 27: inside | near | far}, spacing=(1.5, 1.5, 1.5))
+    np.testing.assert_array_equal(out[27], (inside | near).astype(bool))
+    # margin in mm: 0 mm keeps only what lies inside the (closed) liver
+    out0 = postprocess_masks({6: liver, 27: inside | near | far}, host_margin_mm=0.0)
+    np.testing.assert_array_equal(out0[27], inside.astype(bool))
+
+
+def test_host_margin_converted_per_axis():
+    liver = box((2, 2, 2), (10, 10, 10))
+    along_z = box((5, 5, 10), (6, 6, 12))  # 2 voxels past the liver along axis 2
+    spacing = (1.0, 1.0, 3.0)  # 3 mm margin = 1 voxel along z
+    out = postprocess_masks({6: liver, 27: along_z}, spacing=spacing)
+    np.testing.assert_array_equal(out[27], box((5, 5, 10), (6, 6, 11)).astype(bool))
+
+
+def test_tumour_with_empty_requested_host_is_emptied_and_unrequested_host_keeps_it():
+    tumour = box((4, 4, 4), (7, 7, 7))
+    out = postprocess_masks({2: np.zeros(SHAPE, np.uint8), 3: np.zeros(SHAPE, np.uint8), 26: tumour})
+    assert not out[26].any()
+    out = postprocess_masks({26: tumour})
+    np.testing.assert_array_equal(out[26], tumour.astype(bool))
+
+
+def test_kidney_tumour_uses_both_kidneys():
+    right_k = box((15, 5, 5), (20, 10, 10))
+    left_k = box((2, 5, 5), (7, 10, 10))
+    tumour = box((3, 6, 6), (5, 8, 8)) | box((16, 6, 6), (18, 8, 8)) | box((10, 16, 12), (12, 18, 14))
+    out = postprocess_masks({2: right_k, 3: left_k, 26: tumour})
+    np.testing.assert_array_equal(out[26], (box((3, 6, 6), (5, 8, 8)) | box((16, 6, 6), (18, 8, 8))).astype(bool))
+
+
+def test_our_lesion_rules_only_in_default_table():
+    panc = box((2, 2, 2), (8, 8, 8))
+    tumour = box((3, 3, 3), (5, 5, 5)) | box((18, 15, 12), (20, 17, 14))
+    assert not postprocess_masks({11: panc, 28: tumour})[28][19, 16, 13]
+    assert postprocess_masks({11: panc, 28: tumour}, rules=REFERENCE_RULES)[28][19, 16, 13]
+    assert DEFAULT_RULES[28].source == "ours" and DEFAULT_RULES[27].source == "reference"
+
+
+def test_psv_cut_below_pancreas_and_without_pancreas():
+    vein = box((5, 5, 0), (8, 8, 16))
+    panc = box((10, 2, 6), (14, 5, 9)) | box((20, 15, 1), (21, 16, 2))  # speck removed by largest CC
+    out = postprocess_masks({10: vein, 11: panc})
+    assert not out[10][:, :, :6].any()
+    np.testing.assert_array_equal(out[10][:, :, 6:], vein[:, :, 6:].astype(bool))
+    # no pancreas requested, or an empty pancreas: vein unchanged, no crash
+    np.testing.assert_array_equal(postprocess_masks({10: vein})[10], vein.astype(bool))
+    out = postprocess_masks({10: vein, 11: np.zeros(SHAPE, np.uint8)})
+    np.testing.assert_array_equal(out[10], vein.astype(bool))
+    assert not out[11].any()
+
+
+def test_masks_touching_borders():
+    full = np.ones(SHAPE, np.uint8)
+    out = postprocess_masks({6: full, 27: full, 16: full[:, :, :], 17: np.zeros(SHAPE, bool)})
+    assert out[6].all() and out[27].all()  # host touching the border is not eroded by the closing
+    assert out[16].all() and not out[17].any()
+    corner = box((0, 0, 0), (3, 3, 3)) | box((SHAPE[0] - 2, SHAPE[1] - 2, SHAPE[2] - 2), SHAPE)
+    np.testing.assert_array_equal(postprocess_masks({1: corner})[1], box((0, 0, 0), (3, 3, 3)).astype(bool))
+
+
+def test_hepatic_vessel_unprocessed_and_bad_keys():
+    m = box((1, 1, 1), (3, 3, 3)) | box((10, 10, 10), (12, 12, 12))
+    np.testing.assert_array_equal(postprocess_masks({15: m})[15], m.astype(bool))
+    with pytest.raises(ValueError):
+        postprocess_masks({33: m})
+    with pytest.raises(ValueError):
+        postprocess_masks({1: m, 2: m[:-1]})
+
+
+def test_merge_lesions_over_organs_and_split():
+    liver = box((2, 2, 2), (12, 12, 12))
+    tumour = box((4, 4, 4), (6, 6, 6))
+    vessel_tumour = box((5, 5, 5), (7, 7, 7))
+    spleen = box((10, 10, 10), (14, 14, 14))
+    label = merge_to_label_map({29: vessel_tumour, 27: tumour, 6: liver, 1: spleen}, SHAPE)
+    assert label.dtype == np.uint8
+    assert label[4, 4, 4] == 27 and label[5, 5, 5] == 29 and label[3, 3, 3] == 6
+    assert label[11, 11, 11] == 6 and label[13, 13, 13] == 1  # later organ wins among organs
+    parts = split_label_map(label, ["liver", 27])
+    assert set(parts) == {6, 27} and parts[27].sum() == 8 - 1
+    assert set(split_label_map(label)) == {1, 6, 27, 29}
+    assert not merge_to_label_map({}, SHAPE).any()
