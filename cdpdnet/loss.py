@@ -1,0 +1,103 @@
+"""Partial-label segmentation loss (reference section 3: ``utils/loss.py``, ``loss = BCE + Dice``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PartialLabelLoss", "NaiveBackgroundLoss"]
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (keeps autograd), so the loss carries no metadata."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+class PartialLabelLoss(nn.Module):
+    r"""BCE-with-logits + soft Dice over the annotated (sample, channel) pairs only.
+
+    With :math:`p = \sigma(z)`, binary targets :math:`y` and the annotated pairs
+    :math:`S = \{(b, c) : \mathrm{annotated}[b, c] = 1\}`:
+
+    .. math::
+
+        L_\mathrm{BCE} = \frac{1}{|S|} \sum_{(b,c) \in S} \operatorname{mean}_v
+            \mathrm{BCEWithLogits}(z_{bcv}, y_{bcv})
+
+        L_\mathrm{Dice} = \frac{1}{|S|} \sum_{(b,c) \in S} \Bigl[ 1 -
+            \frac{2 \sum_v p_{bcv} y_{bcv}}{\sum_v p_{bcv} + \sum_v y_{bcv} + s} \Bigr]
+
+        L = w_\mathrm{bce} L_\mathrm{BCE} + w_\mathrm{dice} L_\mathrm{Dice}
+
+    Per sample and per channel over the whole crop; the smoothing :math:`s = 1` is in the
+    denominator only and :math:`p` is not squared. Unannotated channels are UNKNOWN: their terms
+    are computed with the rest (static shapes, no host sync, unlike the reference's per-sample
+    gather) but removed with ``torch.where`` before the sums, so they get exactly zero gradient and
+    the value equals the reference's gather on the annotated pairs. With nothing annotated the
+    loss is a zero connected to the graph.
+
+    ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
+    an unannotated channel's target taken as given (0 everywhere from
+    :class:`cdpdnet.data.PartialLabelToChannelsd`).
+
+    ``forward(logits [B,C,...], target [B,C,...] (0/1, any dtype), annotated [B,C] (bool/0-1) or None)``;
+    ``annotated=None`` means all channels. The last call's terms are in :meth:`components`.
+    """
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 treat_unannotated_as_background: bool = False) -> None:
+        super().__init__()
+        self.bce_weight = float(bce_weight)
+        self.dice_weight = float(dice_weight)
+        self.smooth = float(smooth)
+        self.treat_unannotated_as_background = bool(treat_unannotated_as_background)
+        self._last: dict[str, torch.Tensor] = {}
+
+    def per_pair(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmasked ``(bce [B,C], dice [B,C])`` of every (sample, channel) pair, in float32."""
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+        z = _plain(logits).float().flatten(2)
+        y = _plain(target).to(dtype=z.dtype).flatten(2)
+        bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
+        p = torch.sigmoid(z)
+        inter = (p * y).sum(-1)
+        dice = 1.0 - 2.0 * inter / (p.sum(-1) + y.sum(-1) + self.smooth)
+        return bce, dice
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+        B, C = logits.shape[:2]
+        if annotated is None or self.treat_unannotated_as_background:
+            mask = torch.ones(B, C, dtype=torch.bool, device=logits.device)
+        else:
+            mask = torch.as_tensor(annotated, device=logits.device)
+            if mask.shape != (B, C):
+                raise ValueError(f"annotated must be [B, C] = {(B, C)}, got {tuple(mask.shape)}")
+            mask = mask.bool() if mask.dtype == torch.bool else mask != 0
+        bce, dice = self.per_pair(logits, target)
+        zero = bce.new_zeros(())
+        n = mask.sum().clamp_min(1).to(bce.dtype)
+        bce_m = torch.where(mask, bce, zero).sum() / n
+        dice_m = torch.where(mask, dice, zero).sum() / n
+        loss = self.bce_weight * bce_m + self.dice_weight * dice_m
+        self._last = {"bce": bce_m.detach(), "dice": dice_m.detach(), "pairs": mask.sum().detach()}
+        return loss
+
+    def components(self) -> dict[str, float]:
+        """``{"bce", "dice", "pairs"}`` of the last call, as Python numbers (syncs the device)."""
+        out = {k: float(v) for k, v in self._last.items()}
+        if "pairs" in out:
+            out["pairs"] = int(out["pairs"])
+        return out
+
+    @property
+    def last_components(self) -> dict[str, float]:
+        return self.components()
+
+
+class NaiveBackgroundLoss(PartialLabelLoss):
+    """Naive baseline: every channel supervised, unannotated ROIs taken as background."""
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0) -> None:
+        super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True)

@@ -1,0 +1,334 @@
+"""Partial labels: loss masking, channel targets, label remapping, datalists, uniform source sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdpdnet.data import (
+    PartialLabelToChannelsd,
+    PartialSample,
+    RemapLabelValuesd,
+    UniformSourceDataset,
+    annotated_vector,
+    load_datalist,
+    resolve_label_names,
+    split_by_source,
+)
+from cdpdnet.loss import NaiveBackgroundLoss, PartialLabelLoss
+from cdpdnet.taxonomy import NUM_CLASSES, roi_index
+
+LIVER, LIVER_TUMOR = roi_index("liver"), roi_index("liver_tumor")
+K_R, K_L, K_TUM, K_CYST = (roi_index(n) for n in ("kidney_right", "kidney_left", "kidney_tumor", "kidney_cyst"))
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def _loop_reference(logits, target, annotated, smooth=1.0):
+    """Per-(b, c) gather, as the reference ``utils/loss.py`` does."""
+    bces, dices = [], []
+    for b in range(logits.shape[0]):
+        for c in range(logits.shape[1]):
+            if not annotated[b, c]:
+                continue
+            z, y = logits[b, c].double().reshape(-1), target[b, c].double().reshape(-1)
+            p = torch.sigmoid(z)
+            bces.append(F.binary_cross_entropy_with_logits(z, y))
+            dices.append(1 - 2 * (p * y).sum() / (p.sum() + y.sum() + smooth))
+    return torch.stack(bces).mean(), torch.stack(dices).mean()
+
+
+def _random_batch(seed=0, B=3, C=NUM_CLASSES, shape=(5, 4, 3)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, C, *shape, generator=g) * 2
+    target = (torch.rand(B, C, *shape, generator=g) > 0.7).to(torch.uint8)
+    annotated = torch.rand(B, C, generator=g) > 0.6
+    annotated[0, 0] = True
+    return logits, target, annotated
+
+
+def test_loss_equals_per_pair_loop_reference():
+    logits, target, annotated = _random_batch()
+    loss_fn = PartialLabelLoss()
+    loss = loss_fn(logits, target, annotated)
+    bce, dice = _loop_reference(logits, target, annotated)
+    assert torch.allclose(loss.double(), bce + dice, atol=1e-5)
+    comp = loss_fn.components()
+    assert comp["bce"] == pytest.approx(float(bce), abs=1e-5)
+    assert comp["dice"] == pytest.approx(float(dice), abs=1e-5)
+    assert comp["pairs"] == int(annotated.sum())
+    weighted = PartialLabelLoss(bce_weight=0.5, dice_weight=2.0)(logits, target, annotated.to(torch.uint8))
+    assert torch.allclose(weighted.double(), 0.5 * bce + 2 * dice, atol=1e-5)
+
+
+def test_loss_zero_gradient_on_unannotated_channels():
+    logits, target, annotated = _random_batch(seed=1)
+    logits.requires_grad_(True)
+    PartialLabelLoss()(logits, target, annotated).backward()
+    g = logits.grad.flatten(2).abs().amax(-1)  # [B, C]
+    assert torch.all(g[~annotated] == 0)
+    assert torch.all(g[annotated] > 0)
+
+
+def test_loss_nothing_annotated_is_connected_zero():
+    logits, target, _ = _random_batch(seed=2)
+    logits.requires_grad_(True)
+    loss = PartialLabelLoss()(logits, target, torch.zeros(3, NUM_CLASSES, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_naive_flag_supervises_every_channel():
+    logits, target, annotated = _random_batch(seed=3)
+    logits.requires_grad_(True)
+    naive = PartialLabelLoss(treat_unannotated_as_background=True)
+    loss = naive(logits, target, annotated)
+    bce, dice = _loop_reference(logits.detach(), target, torch.ones_like(annotated))
+    assert torch.allclose(loss.double(), bce + dice, atol=1e-5)
+    loss.backward()
+    assert torch.all(logits.grad.flatten(2).abs().amax(-1) > 0)
+    assert torch.allclose(NaiveBackgroundLoss()(logits, target, annotated), loss)
+
+
+# ------------------------------------------------------------------------------------- channel target
+
+
+def _ann(*values):
+    return annotated_vector(values)
+
+
+def test_organ_channel_includes_its_tumour_and_unannotated_are_zero():
+    lab = np.zeros((1, 8, 8, 6), np.uint8)
+    lab[0, 1:6, 1:6, 1:5] = LIVER
+    lab[0, 2:4, 2:4, 2:3] = LIVER_TUMOR
+    lab[0, 7, 7, 5] = roi_index("spleen")  # present in the map but not annotated
+    d = PartialLabelToChannelsd()({"label": lab, "annotated": (LIVER, LIVER_TUMOR)})
+    t, ann = d["target"], d["annotated"]
+    assert t.dtype == np.uint8 and t.shape == (NUM_CLASSES, 8, 8, 6)
+    assert ann.dtype == np.uint8 and ann.shape == (NUM_CLASSES,)
+    assert set(np.flatnonzero(ann) + 1) == {LIVER, LIVER_TUMOR}
+    np.testing.assert_array_equal(t[LIVER - 1], np.isin(lab[0], (LIVER, LIVER_TUMOR)))
+    np.testing.assert_array_equal(t[LIVER_TUMOR - 1], lab[0] == LIVER_TUMOR)
+    others = [c for c in range(NUM_CLASSES) if c + 1 not in (LIVER, LIVER_TUMOR)]
+    assert t[others].max() == 0  # the spleen voxel is unknown, not a spleen target
+
+
+def test_kidney_lesions_go_to_the_nearest_side():
+    from monai.data import MetaTensor
+
+    lab = np.zeros((1, 20, 6, 6), np.uint8)
+    lab[0, 1:6, 1:5, 1:5] = K_R
+    lab[0, 14:19, 1:5, 1:5] = K_L
+    lab[0, 6:8, 2:4, 2:4] = K_TUM  # touching the right kidney
+    lab[0, 12:14, 2:4, 2:4] = K_CYST  # touching the left kidney
+    lab[0, 3, 2, 2] = K_TUM  # inside the right kidney
+    data = {"label": MetaTensor(torch.from_numpy(lab), affine=torch.diag(torch.tensor([1.5, 1.0, 2.0, 1.0]))),
+            "annotated": _ann(K_R, K_L, K_TUM, K_CYST)}
+    t = PartialLabelToChannelsd()(data)["target"]
+    assert isinstance(t, MetaTensor) and t.dtype == torch.uint8 and tuple(t.shape) == (NUM_CLASSES, 20, 6, 6)
+    assert torch.allclose(t.affine, data["label"].affine)
+    t = t.numpy()
+    right, left = t[K_R - 1].astype(bool), t[K_L - 1].astype(bool)
+    np.testing.assert_array_equal(right, np.isin(lab[0], (K_R,)) | ((lab[0] == K_TUM)))
+    np.testing.assert_array_equal(left, np.isin(lab[0], (K_L, K_CYST)))
+    assert not (right & left).any()
+    np.testing.assert_array_equal(t[K_TUM - 1], lab[0] == K_TUM)
+    np.testing.assert_array_equal(t[K_CYST - 1], lab[0] == K_CYST)
+
+
+def test_lesion_not_merged_into_unannotated_host():
+    lab = np.zeros((1, 6, 6, 6), np.uint8)
+    lab[0, 1:3, 1:3, 1:3] = LIVER_TUMOR
+    t = PartialLabelToChannelsd()({"label": lab, "annotated": _ann(LIVER_TUMOR)})["target"]
+    assert t[LIVER - 1].max() == 0 and t[LIVER_TUMOR - 1].sum() == 8
+
+
+def test_remap_label_values():
+    from monai.data import MetaTensor
+
+    raw = np.array([0, 1, 2, 3, 2, 1], np.float32).reshape(1, 6, 1, 1)
+    out = RemapLabelValuesd()({"label": raw, "label_values": {1: LIVER, 2: LIVER_TUMOR}})
+    assert "label_values" not in out
+    np.testing.assert_array_equal(out["label"].ravel(), [0, LIVER, LIVER_TUMOR, 0, LIVER_TUMOR, LIVER])
+    assert out["label"].dtype == np.uint8
+    mt = MetaTensor(torch.from_numpy(raw), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    out = RemapLabelValuesd()({"label": mt, "label_values": {"1": LIVER}})
+    assert isinstance(out["label"], MetaTensor) and torch.allclose(out["label"].affine, mt.affine)
+    assert out["label"].flatten().tolist() == [0, LIVER, 0, 0, 0, LIVER]
+    untouched = RemapLabelValuesd()({"label": raw})
+    assert untouched["label"] is raw
+
+
+# ------------------------------------------------------------------------------------------ datalists
+
+
+def _nii(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4)), str(path))
+    return path
+
+
+def _case(root, folder, name, label=None):
+    img = _nii(root / f"images{folder}" / name, np.zeros((4, 4, 3), np.int16))
+    lab = None
+    if label is not None:
+        lab = _nii(root / f"labels{folder}" / name, label)
+    return img, lab
+
+
+def test_our_json_format(tmp_path):
+    _case(tmp_path, "Tr", "a.nii.gz", np.zeros((4, 4, 3), np.uint8))
+    _case(tmp_path, "Tr", "b.nii.gz", np.zeros((4, 4, 3), np.uint8))
+    _case(tmp_path, "Tr", "c.nii.gz", np.zeros((4, 4, 3), np.uint8))
+    labels = {"0": "background", **{str(i): n for i, n in [(1, "spleen"), (6, "liver"), (27, "liver_tumor")]}}
+    spec = {
+        "labels": labels,
+        "sources": {"lits": ["liver", "Liver Tumour"], "msd09": ["spleen"]},
+        "training": [
+            {"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz", "source": "lits"},
+            {"image": "imagesTr/b.nii.gz", "label": "labelsTr/b.nii.gz", "source": "msd09"},
+        ],
+        "validation": [{"image": "imagesTr/c.nii.gz", "label": "labelsTr/c.nii.gz", "source": "other",
+                        "annotated": ["liver"]}],
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    dl = load_datalist(tmp_path)
+    assert [s.annotated for s in dl.training] == [(LIVER, LIVER_TUMOR), (1,)]
+    assert dl.validation[0].annotated == (LIVER,) and dl.validation[0].source == "other"
+    assert dl.training[0].label_values is None  # file values already are ROI values
+    assert dl.sources == {"lits": (LIVER, LIVER_TUMOR), "msd09": (1,), "other": (LIVER,)}
+    assert dl.training[0].image == os.path.abspath(tmp_path / "imagesTr" / "a.nii.gz")
+    d = dl.training[0].to_dict()
+    assert d["annotated"].shape == (NUM_CLASSES,) and d["annotated"].dtype == np.uint8
+    assert set(d) >= {"image", "label", "annotated", "source"} and "label_values" not in d
+    assert set(split_by_source(dl.all())) == {"lits", "msd09", "other"}
+    assert "lits" in dl.report()
+
+
+def test_unknown_annotated_roi_is_a_clear_error(tmp_path):
+    spec = {"training": [{"image": "x.nii.gz", "label": "y.nii.gz", "annotated": ["livr", "spleen", "kidny left"]}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError) as e:
+        load_datalist(tmp_path / "dataset.json", check_files=False)
+    msg = str(e.value)
+    assert "'livr'" in msg and "liver" in msg and "'kidny left'" in msg and "kidney_left" in msg
+    assert "'spleen'" not in msg
+
+
+def test_missing_files_are_reported(tmp_path):
+    spec = {"labels": {"0": "background", "1": "spleen"}, "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(FileNotFoundError, match="x.nii.gz"):
+        load_datalist(tmp_path)
+
+
+def test_msd_task03_liver_end_to_end(tmp_path):
+    from monai.transforms import Compose, LoadImaged
+
+    root = tmp_path / "Task03_Liver"
+    lab = np.zeros((4, 4, 3), np.uint8)
+    lab[1:3, 1:3, :] = 1
+    lab[1, 1, 1] = 2
+    _case(root, "Tr", "liver_0.nii.gz", lab)
+    _nii(root / "imagesTs" / "liver_9.nii.gz", np.zeros((4, 4, 3), np.int16))
+    spec = {"name": "Liver", "description": "Liver and tumour segmentation",
+            "labels": {"0": "background", "1": "liver", "2": "cancer"},
+            "training": [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}],
+            "test": ["./imagesTs/liver_9.nii.gz"]}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    dl = load_datalist(root)
+    s = dl.training[0]
+    assert s.source == "Task03_Liver" and s.annotated == (LIVER, LIVER_TUMOR)
+    assert s.label_values == {1: LIVER, 2: LIVER_TUMOR}
+    assert dl.test[0].label is None and dl.sources == {"Task03_Liver": (LIVER, LIVER_TUMOR)}
+    assert not dl.unmapped
+    chain = Compose([LoadImaged(["image", "label"], ensure_channel_first=True), RemapLabelValuesd(),
+                     PartialLabelToChannelsd()])
+    out = chain(s.to_dict())
+    t = np.asarray(out["target"])
+    np.testing.assert_array_equal(t[LIVER - 1], lab > 0)
+    np.testing.assert_array_equal(t[LIVER_TUMOR - 1], lab == 2)
+    assert t.sum() == (lab > 0).sum() + 1
+
+
+def test_msd_task08_vessel_and_tumour(tmp_path):
+    root = tmp_path / "Task08_HepaticVessel"
+    _case(root, "Tr", "hepaticvessel_001.nii.gz", np.zeros((4, 4, 3), np.uint8))
+    spec = {"name": "HepaticVessel", "labels": {"0": "background", "1": "Vessel", "2": "Tumour"},
+            "training": [{"image": "./imagesTr/hepaticvessel_001.nii.gz",
+                          "label": "./labelsTr/hepaticvessel_001.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    dl = load_datalist(root / "dataset.json")
+    hv, hvt = roi_index("hepatic_vessel"), roi_index("hepatic_vessel_tumor")
+    assert dl.training[0].label_values == {1: hv, 2: hvt}
+    assert dl.training[0].annotated == (hv, hvt)
+
+
+@pytest.mark.parametrize("name,labels,expected", [
+    ("Pancreas", {"1": "pancreas", "2": "cancer"}, {1: "pancreas", 2: "pancreas_tumor"}),
+    ("Lung", {"1": "cancer"}, {1: "lung_tumor"}),
+    ("Colon", {"1": "colon cancer primaries"}, {1: "colon_tumor"}),
+    ("Spleen", {"1": "spleen"}, {1: "spleen"}),
+])
+def test_msd_generic_lesion_names(name, labels, expected):
+    res = resolve_label_names({"0": "background", **labels}, context=[name, f"Task0x_{name}", ""])
+    assert res.mapping == {k: roi_index(v) for k, v in expected.items()} and not res.unmapped
+
+
+def test_folder_layout_with_labels_json(tmp_path):
+    lab = np.zeros((4, 4, 3), np.uint8)
+    lab[0, 0, 0], lab[1, 1, 1], lab[2, 2, 2] = 1, 2, 3
+    _nii(tmp_path / "images" / "case1_0000.nii.gz", np.zeros((4, 4, 3), np.int16))
+    _nii(tmp_path / "labels" / "case1.nii.gz", lab)
+    _nii(tmp_path / "images" / "case2_0000.nii.gz", np.zeros((4, 4, 3), np.int16))
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "Liver", "2": "vertebrae L1",
+                                                      "3": "Right Kidney"}))
+    dl = load_datalist(tmp_path, source="mine")
+    assert len(dl.training) == 1 and dl.training[0].name == "case1"
+    assert dl.training[0].annotated == (K_R, LIVER) and dl.training[0].source == "mine"
+    assert dl.training[0].label_values == {1: LIVER, 3: K_R}
+    assert dl.unmapped == {2: "vertebrae L1"} and "vertebrae L1" in dl.report()
+    assert [s.name for s in dl.test] == ["case2"] and dl.test[0].label is None
+    out = RemapLabelValuesd()({"label": lab[None], "label_values": dl.training[0].label_values})
+    assert sorted(np.unique(out["label"]).tolist()) == [0, K_R, LIVER]  # the vertebra voxel is just 0
+
+
+def test_label_map_forms_and_left_right_hint():
+    from cdpdnet.data.datalist import _read_label_names
+
+    assert _read_label_names({"background": 0, "liver": 1}) == {0: "background", 1: "liver"}  # nnU-Net v2
+    assert _read_label_names({"labels": {"0": "background", "2": "spleen"}}) == {0: "background", 2: "spleen"}
+    res = resolve_label_names({1: "kidney", 2: "Kidney Tumour"})
+    assert res.unmapped == {1: "kidney"} and res.mapping == {2: K_TUM}
+    assert any("left/right" in n for n in res.notes)
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def test_uniform_source_dataset_visits_each_source_equally():
+    samples = ([PartialSample(f"a{i}", None, (1,), "A") for i in range(1)]
+               + [PartialSample(f"b{i}", None, (6,), "B") for i in range(5)]
+               + [PartialSample(f"c{i}", None, (2, 3), "C") for i in range(24)])
+    ds = UniformSourceDataset(samples, length=30, seed=7)
+    assert len(ds) == 30
+    items = [ds[i] for i in range(len(ds))]
+    assert Counter(d["source"] for d in items) == {"A": 10, "B": 10, "C": 10}
+    first = [d["image"] for d in items]
+    assert first == [ds[i]["image"] for i in range(30)]  # reproducible
+    ds.set_epoch(1)
+    assert [ds[i]["image"] for i in range(30)] != first
+    ds.set_epoch(0)
+    assert [ds[i]["image"] for i in range(30)] == first
+    assert len({d["image"] for d in items if d["source"] == "C"}) > 3
+    ds2 = UniformSourceDataset(samples, transform=lambda d: d["source"])
+    assert len(ds2) == 30 and ds2[1] == "B"
