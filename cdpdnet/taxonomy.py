@@ -37,6 +37,7 @@ __all__ = [
     "task_prompt",
     "normalise_name",
     "resolve_roi_name",
+    "roi_keys",
     "NameMapping",
     "map_label_names",
     "UnknownROIError",
@@ -122,7 +123,7 @@ ROIS: tuple[ROI, ...] = (
     _r(31, "colon_tumor", "Colon Tumor", kind="tumor", hosts=("colon",),
        synonyms=("colon tumour", "colon cancer", "colorectal tumor", "colon lesion")),
     _r(32, "kidney_cyst", "Kidney Cyst", kind="cyst", hosts=("kidney_right", "kidney_left"),
-       synonyms=("renal cyst", "kidney cysts", "cyst")),
+       synonyms=("renal cyst", "kidney cysts", "cyst kidney")),
 )
 
 NUM_CLASSES = len(ROIS)
@@ -220,7 +221,11 @@ def sampling_keys() -> dict[str, tuple[int, ...]]:
 
 
 def task_prompt(rois: Iterable[int | str], original_spelling: bool = True) -> str:
-    """Text prompt of a segmentation task, as in ``clip_embedding.py TASK_NAME``."""
+    """Text prompt of a segmentation task, in the style of the reference's ``clip_embedding.py``.
+
+    The verbatim published strings of the 11 datasets (which differ in spelling and order for 01, 09,
+    10 and 13) are :data:`cdpdnet.text.PUBLISHED_TASK_PROMPTS`.
+    """
     names = [organ_prompt(roi(r), "{}", original_spelling) for r in rois]
     return f"A task of segmenting {', '.join(names)} in computerized tomography"
 
@@ -238,14 +243,15 @@ def normalise_name(text: str) -> str:
     return t
 
 
-def _keys_of(r: ROI) -> set[str]:
+def roi_keys(r: ROI) -> set[str]:
+    """All normalised names of an ROI (canonical, display, CLIP spelling, synonyms)."""
     keys = {r.name, r.display, r.clip_name, *r.synonyms}
     return {normalise_name(k) for k in keys}
 
 
 _LOOKUP: dict[str, ROI] = {}
 for _roi in ROIS:
-    for _k in _keys_of(_roi):
+    for _k in roi_keys(_roi):
         if _k in _LOOKUP and _LOOKUP[_k] is not _roi:
             raise RuntimeError(f"ambiguous ROI synonym {_k!r}")
         _LOOKUP[_k] = _roi
@@ -317,7 +323,7 @@ def map_label_names(
 
         cand_text, cand_roi = [], []
         for r in ROIS:
-            for k in sorted(_keys_of(r)):
+            for k in sorted(roi_keys(r)):
                 cand_text.append(k)
                 cand_roi.append(r.index)
         values = list(left)

@@ -42,7 +42,7 @@ from cdpdnet.taxonomy import (
     ROIS,
     ROI,
     UnknownROIError,
-    _keys_of,
+    roi_keys,
     map_label_names,
     normalise_name,
     roi,
@@ -89,7 +89,7 @@ def _words(text: str) -> set[str]:
 
 
 _ROI_KEY_WORDS: dict[int, list[frozenset[str]]] = {
-    r.index: [frozenset(_singular(w) for w in k.split()) - SIDE_WORDS for k in _keys_of(r)] for r in ROIS
+    r.index: [frozenset(_singular(w) for w in k.split()) - SIDE_WORDS for k in roi_keys(r)] for r in ROIS
 }
 
 
