@@ -62,12 +62,13 @@ class TaskPromptGenerator(nn.Module):
             task_id = task_id.expand(x.shape[0])
         if task_id.numel() != x.shape[0]:
             raise ValueError(f"task_id has {task_id.numel()} entries for a batch of {x.shape[0]}")
-        if int(task_id.max()) >= self.num_tasks:
+        checkable = task_id.device.type != "meta"  # shape tracing on the meta device has no values
+        if checkable and int(task_id.max()) >= self.num_tasks:
             raise ValueError(f"task_id {int(task_id.max())} out of range: the model has {self.num_tasks} tasks")
         known = task_id.clamp(min=0)
         idx = known.view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *dynamic.shape[2:])
         picked = torch.gather(dynamic, 1, idx)
-        if bool((task_id < 0).any()):
+        if not checkable or bool((task_id < 0).any()):
             mean = dynamic.mean(1, keepdim=True)
             picked = torch.where((task_id < 0).view(-1, 1, *([1] * (x.dim() - 2))), mean, picked)
         return picked
@@ -115,7 +116,8 @@ class CDPDNet(nn.Module):
         # DINO adaptors and cross-attention at the fusion stages (plus the reference's unused stage 1 pair)
         fusion = list(cfg.fusion_stages)
         built = ([1] if cfg.reference_dead_modules else []) + fusion
-        dp = torch.linspace(0, cfg.attn_drop_path, cfg.attn_drop_path_blocks)[: cfg.attn_depth].tolist()
+        nb = max(cfg.attn_drop_path_blocks - 1, 1)  # reference: linspace(0, 0.3, 10)[:depth]
+        dp = [cfg.attn_drop_path * i / nb for i in range(cfg.attn_depth)]
         self.adaptors = nn.ModuleDict({str(s): DinoAdaptor(cfg.dino_dim, widths[s], cfg.dino_group) for s in built})
         self.cross_attention = nn.ModuleDict({
             str(s): WindowCrossAttentionFusion(widths[s], cfg.attn_heads, cfg.attn_window, cfg.attn_depth,

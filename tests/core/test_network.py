@@ -1,0 +1,126 @@
+"""Shapes, parameter counts and semantics of the CDPDNet network (reference section 1)."""
+
+import pytest
+import torch
+
+from cdpdnet.factory import build_model, build_network
+from cdpdnet.networks import CDPDNet, NetworkConfig, WindowCrossAttentionFusion
+from cdpdnet.preset import load_preset
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_parameter_counts_match_reference():
+    # reference 1.10: 66,188,120 registered (incl. dead modules), 64,717,616 that receive gradients
+    assert count(CDPDNet(NetworkConfig(reference_dead_modules=True))) == 66_188_120
+    net = build_network("paper")
+    assert count(net) == 64_717_616
+    groups = {}
+    for name, p in net.named_parameters():
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + p.numel()
+    assert groups["decoder"] == 15_349_440 and groups["upsample"] == 1_812_992
+    assert groups["skip_films"] == 13_108_800 and groups["text_to_vision"] == 131_328
+    assert groups["ttpg"] == 61_974 + 98_373 + 939_261
+
+
+def test_paper_dino_is_vit_b14_without_loading_weights():
+    from transformers import Dinov2Model
+
+    from cdpdnet.dino_weights import dino_config_for
+
+    cfg = dino_config_for("facebook/dinov2-base")
+    with torch.device("meta"):
+        vit = Dinov2Model(cfg)
+    assert count(vit) == 86_580_480
+    assert cfg.hidden_size == load_preset("paper").network.dino_dim
+
+
+@pytest.mark.parametrize("preset,dino", [("tiny", "random:tiny"), ("lite", "random:small")])
+def test_forward_shapes(preset, dino):
+    p = load_preset(preset)
+    model = build_model(p, num_tasks=4, dino=dino)
+    x = torch.rand(2, 1, *p.patch_size)
+    feats = model.dino(x)
+    used = (p.patch_size[0] // p.network.dino_group) * p.network.dino_group
+    assert len(feats) == len(p.network.fusion_stages)
+    assert all(f.shape[:3] == (2, p.network.dino_dim, used) for f in feats)
+    with torch.no_grad():
+        y = model(x, torch.tensor([0, 3]))
+    assert y.shape == (2, 32, *p.patch_size)
+    assert torch.isfinite(y).all()
+
+
+def test_paper_shapes_on_meta_device():
+    """The full paper network traced on the meta device (no compute): 96^3 in, 32 x 96^3 out."""
+    p = load_preset("paper")
+    with torch.device("meta"):
+        net = CDPDNet(p.network)
+        x = torch.empty(2, 1, 96, 96, 96)
+        feats = [torch.empty(2, 768, 84, 7, 7) for _ in range(3)]
+        y = net(x, feats, torch.tensor([0, 8]))
+    assert y.shape == (2, 32, 96, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = build_model("tiny", num_tasks=3, dino="random:tiny").eval()
+    m.net.set_text_embeddings(torch.randn(32, 384), torch.randn(3, 384))
+    return m
+
+
+def test_task_prompt_is_per_sample(tiny):
+    """A batch mixing source datasets equals running each sample alone (reference bug 5 fixed)."""
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        both = tiny(x, torch.tensor([0, 2]))
+        a = tiny(x[:1], torch.tensor([0]))
+        b = tiny(x[1:], torch.tensor([2]))
+        other = tiny(x[:1], torch.tensor([1]))
+    torch.testing.assert_close(both[:1], a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[1:], b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(a, other)  # the task prompt does change the output
+
+
+def test_unknown_task_uses_mean_prompt_and_bad_task_is_refused(tiny):
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        y = tiny(x, None)
+    assert y.shape == (1, 32, 32, 32, 32)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny(x, torch.tensor([3]))
+
+
+def test_bad_input_shapes_give_clear_errors(tiny):
+    with pytest.raises(ValueError, match="expected input"):
+        tiny(torch.rand(1, 32, 32, 32))
+    with pytest.raises(ValueError, match="divisible"):
+        tiny(torch.rand(1, 1, 30, 32, 32))
+
+
+def test_text_embeddings_are_buffers_with_checked_shape(tiny):
+    names = dict(tiny.net.named_buffers())
+    assert "organ_embedding" in names and "task_embedding" in names
+    assert not any("embedding" in n for n, _ in tiny.net.named_parameters())
+    with pytest.raises(ValueError, match="organ_embedding must have shape"):
+        tiny.net.set_text_embeddings(torch.zeros(31, 384), torch.zeros(3, 384))
+
+
+def test_cross_attention_crops_every_padded_axis():
+    """Reference bug 15: stage sizes not multiples of the window on the third axis."""
+    fuse = WindowCrossAttentionFusion(8, num_heads=2).eval()
+    x, y = torch.rand(1, 8, 6, 6, 5), torch.rand(1, 8, 6, 6, 5)
+    out = fuse(x, y)
+    assert out.shape == x.shape
+    # queries come from the DINO stream: changing y changes the result
+    assert not torch.allclose(out, fuse(x, torch.rand_like(y)))
+
+
+def test_dino_and_only_dino_is_frozen():
+    m = build_model("tiny", num_tasks=2, dino="random:tiny")
+    assert not any(p.requires_grad for p in m.dino.parameters())
+    assert all(p.requires_grad for p in m.trainable_parameters())
+    m.train()
+    assert not m.dino.dino.training

@@ -1,0 +1,200 @@
+"""Tests of the synthetic CT phantom generator (cdpdnet.phantoms). Fast: a handful of 3 mm phantoms."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from cdpdnet.phantoms import (
+    FULL_SOURCE,
+    PHANTOM_SOURCES,
+    Phantom,
+    make_phantom,
+    source_label,
+    write_phantom_dataset,
+)
+from cdpdnet.taxonomy import NUM_CLASSES, ROI_BY_NAME, ROIS
+
+L = {r.name: r.index for r in ROIS}
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [make_phantom(s) for s in (0, 1)]
+
+
+def centroid(ph: Phantom, name: str) -> np.ndarray:
+    idx = np.argwhere(ph.label == L[name])
+    return (ph.affine[:3, :3] @ idx.mean(0)) + ph.affine[:3, 3]
+
+
+def test_deterministic_for_a_seed(phantoms):
+    again = make_phantom(0)
+    assert np.array_equal(again.image, phantoms[0].image)
+    assert np.array_equal(again.label, phantoms[0].label)
+    assert np.array_equal(again.affine, phantoms[0].affine)
+
+
+def test_different_seeds_differ(phantoms):
+    a, b = phantoms
+    assert not np.array_equal(a.label, b.label)
+    assert np.mean(a.image != b.image) > 0.5
+
+
+def test_generation_time():
+    t = time.perf_counter()
+    make_phantom(123)
+    assert time.perf_counter() - t < 5.0  # ~0.5 s on one core; generous for loaded CI machines
+
+
+def test_shapes_dtypes_affine(phantoms):
+    for ph in phantoms:
+        assert ph.image.dtype == np.int16 and ph.label.dtype == np.uint8
+        assert ph.image.shape == ph.label.shape == ph.organ_label.shape == (110, 87, 150)
+        assert ph.spacing == (3.0, 3.0, 3.0)
+        assert ph.affine.shape == (4, 4) and ph.affine.dtype == np.float64
+        assert np.allclose(np.diag(ph.affine)[:3], ph.spacing)
+        assert np.allclose(ph.affine[3], [0, 0, 0, 1])
+        assert np.allclose(ph.affine[:3, :3], np.diag(ph.spacing))
+        centre = ph.affine @ np.r_[(np.array(ph.shape) - 1) / 2.0, 1.0]
+        assert np.allclose(centre[:3], 0.0)
+        assert ph.label.max() <= NUM_CLASSES
+
+
+def test_other_spacing_and_shape():
+    ph = make_phantom(3, spacing=(6.0, 6.0, 5.0))
+    assert ph.image.shape == (55, 43, 90)
+    assert np.allclose(np.diag(ph.affine)[:3], (6.0, 6.0, 5.0))
+    assert set(np.unique(ph.label)) >= {L["liver"], L["spleen"], L["aorta"], L["lung_left"]}
+    ph = make_phantom(3, spacing=(4.0, 4.0, 4.0), shape=(80, 64, 96))
+    assert ph.image.shape == (80, 64, 96)
+
+
+def test_every_roi_present_with_enough_voxels(phantoms):
+    for ph in phantoms:
+        counts = ph.roi_voxel_counts()
+        assert len(counts) == NUM_CLASSES
+        small = {k: v for k, v in counts.items() if v < 30}
+        assert not small, f"seed {ph.seed}: {small}"
+
+
+def test_lesions_inside_their_hosts(phantoms):
+    for ph in phantoms:
+        assert not np.isin(ph.organ_label, [r.index for r in ROIS if r.is_lesion]).any()
+        for r in ROIS:
+            if not r.is_lesion:
+                continue
+            m = ph.label == r.index
+            assert m.any(), r.name
+            hosts = np.unique(ph.organ_label[m])
+            allowed = {L[h] for h in r.hosts}
+            assert set(hosts.tolist()) <= allowed, (ph.seed, r.name, hosts)
+        # outside lesions the organ label is the label
+        les = np.isin(ph.label, [r.index for r in ROIS if r.is_lesion])
+        assert np.array_equal(ph.label[~les], ph.organ_label[~les])
+        assert {d["roi"] for d in ph.lesions} == {r.name for r in ROIS if r.is_lesion}
+
+
+def test_ras_orientation(phantoms):
+    """RAS as nibabel/MONAI read it: axis 0 towards the patient's Right, 1 anterior, 2 superior."""
+    import nibabel as nib
+
+    for ph in phantoms:
+        assert nib.aff2axcodes(ph.affine) == ("R", "A", "S")
+        c = {n: centroid(ph, n) for n in L}
+        assert c["liver"][0] > c["spleen"][0]
+        assert c["kidney_right"][0] > c["kidney_left"][0]
+        assert c["lung_right"][0] > c["lung_left"][0]
+        assert c["femur_head_right"][0] > c["femur_head_left"][0]
+        assert c["adrenal_gland_right"][0] > c["adrenal_gland_left"][0]
+        assert c["inferior_vena_cava"][0] > c["aorta"][0]
+        assert c["lung_right"][2] > c["liver"][2] > c["kidney_right"][2] > c["urinary_bladder"][2]
+        assert c["urinary_bladder"][2] > c["prostate"][2]
+        assert c["adrenal_gland_right"][2] > c["kidney_right"][2]
+        assert c["gallbladder"][1] > c["kidney_right"][1]  # anterior
+        assert c["urinary_bladder"][1] > c["rectum"][1]
+        assert c["pancreas"][1] > c["aorta"][1]
+
+
+def test_hu_ranges(phantoms):
+    for ph in phantoms:
+        im = ph.image.astype(np.float64)
+
+        def mean(*names):
+            return im[np.isin(ph.label, [L[n] for n in names])].mean()
+
+        assert mean("lung_right", "lung_left") < -600
+        assert 40 < mean("liver") < 130
+        assert mean("femur_head_left", "femur_head_right") > 200
+        assert abs(im[:4, :4, :].mean() + 1000) < 15  # air outside the body
+        assert mean("aorta") > 120 and mean("urinary_bladder") < 30
+        assert mean("liver_tumor") < mean("liver") - 25
+        assert mean("pancreas_tumor") < mean("pancreas") - 20
+        assert mean("kidney_cyst") < 30 and mean("kidney_tumor") < mean("kidney_left") - 50
+        assert mean("lung_tumor") > -300
+        assert ph.image.min() >= -1024 and ph.image.max() <= 3071
+        soft = im[np.isin(ph.label, [L["spleen"], L["pancreas"], L["prostate"]])]
+        assert 20 < soft.mean() < 130
+
+
+def test_sources_cover_all_rois_and_are_partial():
+    seen = {}
+    for src, names in PHANTOM_SOURCES.items():
+        assert src != FULL_SOURCE
+        for n in names:
+            assert n in ROI_BY_NAME, n
+            seen.setdefault(n, []).append(src)
+    assert set(seen) == set(ROI_BY_NAME)
+    assert len(PHANTOM_SOURCES) >= 3
+    assert all(len(v) < NUM_CLASSES for v in PHANTOM_SOURCES.values())
+    assert sum(len(v) == 1 for v in seen.values()) >= 5
+
+
+def test_source_label_folds_lesions_into_annotated_hosts(phantoms):
+    ph = phantoms[0]
+    btcv = ph.source_label("phantom_btcv")
+    assert set(np.unique(btcv).tolist()) <= set(range(15))
+    n_liver = np.isin(ph.label, [L["liver"], L["liver_tumor"], L["hepatic_vessel_tumor"]]).sum()
+    assert (btcv == L["liver"]).sum() == n_liver
+    assert (btcv == L["pancreas"]).sum() == np.isin(ph.label, [L["pancreas"], L["pancreas_tumor"]]).sum()
+    assert (btcv[ph.label == L["hepatic_vessel"]] == 0).all()  # not annotated, not a lesion
+    kid = ph.source_label("phantom_kidney")
+    assert set(np.unique(kid).tolist()) == {0, L["kidney_right"], L["kidney_left"], L["kidney_tumor"], L["kidney_cyst"]}
+    assert np.array_equal(kid == L["kidney_tumor"], ph.label == L["kidney_tumor"])
+    pel = source_label(ph.label, ph.organ_label, PHANTOM_SOURCES["phantom_pelvis_chest"])
+    assert (pel[ph.label == L["liver_tumor"]] == 0).all()  # host not annotated -> background
+    assert np.array_equal(pel == L["lung_tumor"], ph.label == L["lung_tumor"])
+    full = source_label(ph.label, ph.organ_label, [r.name for r in ROIS])
+    assert np.array_equal(full, ph.label)
+
+
+def test_write_phantom_dataset(tmp_path):
+    import nibabel as nib
+
+    path = write_phantom_dataset(tmp_path / "ds", n_per_source=1, n_heldout=1, seed=7)
+    assert path.name == "dataset.json" and path.is_file()
+    ds = json.loads(path.read_text())
+    assert ds["name"] == "cdpdnet-phantoms" and ds["modality"] == {"0": "CT"}
+    assert ds["labels"] == {"0": "background", **{str(r.index): r.name for r in ROIS}}
+    assert ds["sources"] == {k: list(v) for k, v in PHANTOM_SOURCES.items()}
+    assert len(ds["training"]) == len(PHANTOM_SOURCES) and len(ds["test"]) == 1
+    seeds = [c["seed"] for c in ds["training"] + ds["test"]]
+    assert len(set(seeds)) == len(seeds)
+    for case in ds["training"] + ds["test"]:
+        img = nib.load(str(path.parent / case["image"]))
+        lab = nib.load(str(path.parent / case["label"]))
+        assert case["image"].startswith(("imagesTr/", "imagesTs/")) and case["image"].endswith(".nii.gz")
+        assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+        assert img.shape == lab.shape == (110, 87, 150)
+        assert np.allclose(img.affine, lab.affine) and np.allclose(np.diag(img.affine)[:3], 3.0)
+        values = set(np.unique(np.asarray(lab.dataobj)).tolist()) - {0}
+        allowed = {L[n] for n in case["annotated"]}
+        assert values <= allowed, (case["source"], values - allowed)
+        if case in ds["test"]:
+            assert case["source"] == FULL_SOURCE
+            assert values == set(range(1, NUM_CLASSES + 1))
+        else:
+            assert case["annotated"] == list(PHANTOM_SOURCES[case["source"]])
+            assert values == allowed  # every annotated ROI present in every case
+    assert not [p for p in path.parent.rglob("*") if "tmp" in p.name]
