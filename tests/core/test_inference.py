@@ -1,0 +1,162 @@
+"""Checkpoints and inference: file to file, in the input's own space; bad input gets clear errors."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from cdpdnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cdpdnet.factory import model_from_checkpoint
+from cdpdnet.imageio import InvalidImageError
+from cdpdnet.inference import Segmenter, required_channels
+from cdpdnet.phantoms import make_phantom
+from cdpdnet.taxonomy import UnknownROIError, roi_index
+
+
+def test_checkpoint_round_trip(tiny_checkpoint, tmp_path):
+    a = model_from_checkpoint(tiny_checkpoint)
+    b = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    for (k, v), (k2, v2) in zip(a.model.net.state_dict().items(), b.model.net.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(x, 1), b.model(x, 1))
+    assert a.tasks[1]["name"] == "b" and a.task_id("b") == 1 and a.task_id(None) == -1
+    with pytest.raises(ValueError, match="unknown source dataset"):
+        a.task_id("nope")
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt"):
+        model_from_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"net": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a CDPDNet checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    ck = load_checkpoint(tiny_checkpoint)
+    ck["state_dict"] = {k: v for k, v in ck["state_dict"].items() if "decoder" not in k}
+    save_checkpoint(tmp_path / "partial.pt", {k: v for k, v in ck.items() if k not in ("format", "format_version")})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        model_from_checkpoint(tmp_path / "partial.pt")
+
+
+def test_checkpoint_write_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
+    target = tmp_path / "model.pt"
+    target.write_bytes(tiny_checkpoint.read_bytes())
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(target, {"preset": {}, "state_dict": {}, "tasks": []})
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint):
+    return Segmenter(tiny_checkpoint)
+
+
+def _lps_nifti(path, spacing=(0.9, 1.1, 4.0), shape=(60, 50, 24)):
+    """A phantom stored in LPS orientation with anisotropic spacing and an off-centre origin."""
+    ph = make_phantom(3, spacing=spacing, shape=shape)
+    img = ph.image[::-1, ::-1, :].copy()
+    aff = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    aff[:3, 3] = [40.0, 30.0, -20.0]
+    nii = nib.Nifti1Image(img, aff)
+    nib.save(nii, path)
+    return img, aff
+
+
+def test_output_has_the_inputs_shape_affine_and_orientation(segmenter, tmp_path):
+    img, aff = _lps_nifti(tmp_path / "ct.nii.gz")
+    res = segmenter.segment(tmp_path / "ct.nii.gz", output=tmp_path / "seg.nii.gz")
+    out = nib.load(tmp_path / "seg.nii.gz")
+    assert out.shape == img.shape
+    np.testing.assert_allclose(out.affine, aff, atol=1e-5)
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    assert out.get_data_dtype() == np.uint8
+    assert res.label.shape == img.shape and res.label.dtype == np.uint8
+    assert set(np.unique(res.label).tolist()) <= set(range(33))
+    assert {"load", "preprocess", "network", "postprocess", "resample", "write"} <= set(res.timings)
+
+
+def test_label_lands_on_the_same_physical_voxels(segmenter, monkeypatch):
+    """With an oracle network (liver = bright voxels), the label map comes back where the object was,
+    through RAS reorientation, 6 mm resampling, body crop and the way back."""
+    spacing = (2.0, 2.5, 3.0)
+    img = np.full((60, 48, 40), -1000.0, dtype=np.float32)
+    img[5:55, 4:44, 3:37] = 0.0  # body
+    img[30:45, 10:25, 12:27] = 200.0  # bright box, off-centre
+    aff = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    aff[:3, 3] = [10.0, -5.0, 7.0]
+    liver = roi_index("liver")
+
+    def oracle(self, x, channels, task_id=-1, roi_center=None):
+        out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
+        out[0, channels.index(liver)] = (x[0, 0] > 0.6).float() * 20 - 10
+        return out
+
+    monkeypatch.setattr(Segmenter, "predict_logits", oracle)
+    res = segmenter.segment(img, rois=["liver"], affine=aff)
+    pred, truth = res.label == liver, img > 100
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert dice > 0.8, dice
+    np.testing.assert_allclose(np.argwhere(pred).mean(0), np.argwhere(truth).mean(0), atol=1.5)
+
+
+def test_roi_subset_and_names(segmenter, tmp_path):
+    ph = make_phantom(1, spacing=(6.0, 6.0, 6.0))
+    res = segmenter.segment(ph.image, rois=["liver", "IVC"], affine=ph.affine, task="b")
+    assert res.rois == [roi_index("liver"), roi_index("inferior_vena_cava")]
+    assert set(res.present()) <= set(res.rois)
+    with pytest.raises(UnknownROIError, match="closest"):
+        segmenter.segment(ph.image, rois=["livr"], affine=ph.affine)
+
+
+def test_required_channels_include_hosts_and_pairs():
+    need = required_channels([roi_index("liver_tumor"), roi_index("lung_left")])
+    assert roi_index("liver") in need and roi_index("lung_right") in need
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: np.zeros((40, 40)), "2D|dimensions|3D"),
+    (lambda: np.full((20, 20, 20), np.nan, dtype=np.float32), "NaN"),
+    (lambda: np.zeros((20, 20, 20), dtype=np.float32), "constant"),
+    (lambda: np.zeros((20, 20, 2), dtype=np.float32) + np.arange(2), "at least"),
+])
+def test_bad_arrays_are_refused_clearly(segmenter, make, match):
+    with pytest.raises((InvalidImageError, ValueError), match=match):
+        segmenter.segment(make())
+
+
+def test_bad_files_are_refused_clearly(segmenter, tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(InvalidImageError, match="could not be read"):
+        segmenter.segment(tmp_path / "bad.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.rand(10, 10, 10, 3).astype(np.float32), np.eye(4)), tmp_path / "4d.nii.gz")
+    with pytest.raises(InvalidImageError, match="channels or time points"):
+        segmenter.segment(tmp_path / "4d.nii.gz")
+    with pytest.raises(InvalidImageError, match="does not exist"):
+        segmenter.segment(tmp_path / "missing.nii.gz")
+
+
+def test_cli_infer_and_clear_errors(tiny_checkpoint, tmp_path, capsys):
+    from cdpdnet.cli import main
+
+    ph = make_phantom(2, spacing=(6.0, 6.0, 6.0))
+    nib.save(nib.Nifti1Image(ph.image, ph.affine), tmp_path / "ct.nii.gz")
+    assert main(["infer", "--model", str(tiny_checkpoint), "--input", str(tmp_path / "ct.nii.gz"),
+                 "--output", str(tmp_path / "out.nii.gz"), "--rois", "liver,spleen"]) == 0
+    assert nib.load(tmp_path / "out.nii.gz").shape == ph.image.shape
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["infer", "--model", str(tmp_path / "junk.pt"), "--input", str(tmp_path / "ct.nii.gz"),
+                 "--output", str(tmp_path / "o.nii.gz")]) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
