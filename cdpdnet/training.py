@@ -282,6 +282,11 @@ class Trainer:
 
         enc = build_text_encoder(self.cfg.text_encoder or self.preset.text["encoder"])
         emb = compute_prompt_embeddings(enc, tasks=[(t["name"], t["rois"]) for t in self.tasks])
+        norm = self.preset.text.get("row_norm")
+        if norm:  # put normalised embeddings (MiniLM) on the published CLIP tables' scale, so psi starts alike
+            for key in ("organ_embeddings", "task_embeddings"):
+                emb[key] = emb[key] * (float(norm) / emb[key].norm(dim=1, keepdim=True).clamp_min(1e-6))
+            emb["row_norm"] = float(norm)
         if emb["dim"] != self.preset.network.text_dim:
             raise ValueError(f"text encoder {emb['encoder']} gives {emb['dim']}-d embeddings but the preset's network "
                              f"expects text_dim={self.preset.network.text_dim}")

@@ -112,6 +112,9 @@ class CDPDNet(nn.Module):
         self.ttpg = TaskPromptGenerator(widths[n], cfg.num_tasks, cfg.text_proj_dim)
         he_init_([self.stem, getattr(self, "unused_input_convs", nn.Identity()), self.encoder, self.upsample, self.decoder, self.seg_outputs, self.ttpg.intermedia_conv,
                   self.ttpg.fusion_layer])
+        if cfg.head_bias is not None:
+            # a prior-logit bias (RetinaNet-style): starts near "mostly background", which short CPU runs need
+            self.seg_outputs[-1].bias = nn.Parameter(torch.full((cfg.num_classes,), float(cfg.head_bias)))
 
         # DINO adaptors and cross-attention at the fusion stages (plus the reference's unused stage 1 pair)
         fusion = list(cfg.fusion_stages)

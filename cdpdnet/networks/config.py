@@ -37,6 +37,7 @@ class NetworkConfig:
     text_dim: int = 512
     text_proj_dim: int = 256
     reference_dead_modules: bool = False
+    head_bias: float | None = None  # None: no bias (reference); a value: a bias initialised to this prior logit
 
     @property
     def num_pool(self) -> int:
