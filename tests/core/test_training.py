@@ -1,0 +1,95 @@
+"""Training: checkpoints, resume, stop, fine-tuning, DDP (tiny preset, random DINO: plumbing)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cdpdnet.checkpoint import load_checkpoint
+from cdpdnet.data import load_datalist
+from cdpdnet.factory import model_from_checkpoint
+from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
+from cdpdnet.training import TrainConfig, Trainer, warmup_cosine_lr
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    path = write_phantom_dataset(tmp_path_factory.mktemp("ph"), n_per_source=1, n_heldout=1, spacing=(6, 6, 6))
+    return path, load_datalist(path)
+
+
+def _cfg(out, **kw):
+    base = dict(out_dir=str(out), epochs=2, iterations_per_epoch=2, progress=False, num_samples=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_writes_model_log_and_resumable_checkpoint(phantoms, tmp_path):
+    _, dl = phantoms
+    summary = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).run()
+    assert summary["epochs_done"] == 2 and summary["stopped"] is None
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1] and all(x["iterations"] == 2 for x in lines)
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["epoch"] == 1 and "optimizer" in ck
+    loaded = model_from_checkpoint(summary["model"])
+    assert [t["name"] for t in loaded.tasks] == list(PHANTOM_SOURCES)  # one task per source dataset
+    assert "optimizer" not in load_checkpoint(summary["model"])
+
+    # resume: continues at epoch 2 with the saved optimiser
+    resumed = Trainer(dl.training, "tiny", _cfg(tmp_path / "run", epochs=3, resume=True))
+    assert resumed.start_epoch == 2
+    assert resumed.run()["epochs_done"] == 3
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_stop_flag_and_finetune_keep_tasks(phantoms, tmp_path):
+    _, dl = phantoms
+    first = Trainer(dl.training, "tiny", _cfg(tmp_path / "a", epochs=1, iterations_per_epoch=1)).run()
+    calls = []
+    tr = Trainer(dl.training[:2], "ignored", _cfg(tmp_path / "b", epochs=5, init_checkpoint=first["model"]),
+                 should_stop=lambda: calls.append(1) or True)
+    assert [t["name"] for t in tr.tasks] == list(PHANTOM_SOURCES)
+    summary = tr.run()
+    assert summary["stopped"] == "stop requested" and summary["epochs_done"] == 1 and len(calls) == 1
+    assert os.path.isfile(summary["model"])
+
+
+def test_refuses_unlabelled_samples(phantoms):
+    _, dl = phantoms
+    s = dl.training[0]
+    bad = type(s)(image=s.image, label=None, annotated=(), source="x")
+    with pytest.raises(ValueError, match="no label"):
+        Trainer([bad], "tiny", _cfg("/tmp/never"))
+
+
+def test_lr_schedule_matches_reference():
+    # reference 4: epoch 0 = 8.16e-6, 500 = 2.16e-4, 900 = 1.06e-5, 999 = 0 (stepped at epoch start)
+    lrs = [warmup_cosine_lr(e + 1, 4e-4, 50, 1000) for e in (0, 499, 899, 999)]
+    assert lrs[0] == pytest.approx(8.16e-6, rel=1e-3) and lrs[1] == pytest.approx(2.16e-4, rel=1e-2)
+    assert lrs[2] == pytest.approx(1.06e-5, rel=3e-2) and lrs[3] == 0.0
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_on_phantoms(phantoms, tmp_path):
+    """Loss falls over 60 iterations (the lite preset's real learning figures: bench/learning_phantoms.py)."""
+    _, dl = phantoms
+    Trainer(dl.training, "tiny", _cfg(tmp_path / "r", epochs=6, iterations_per_epoch=10, lr=3e-3)).run()
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_only_rank0_writes(phantoms, tmp_path):
+    path, _ = phantoms
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "cdpdnet",
+           "train", "--data", str(path), "--preset", "tiny", "--out", str(out), "--epochs", "1", "--iterations", "2",
+           "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one writer
+    assert (out / "model.pt").is_file()
