@@ -85,7 +85,9 @@ class Segmenter:
         self.mode = cfg.get("mode", "gaussian")
         self.sigma_scale = float(cfg.get("sigma_scale", 0.125))
         self.do_postprocess = postprocess
-        self.amp = (self.device.type == "cuda") if amp is None else amp
+        from .training import use_bf16
+
+        self.amp = use_bf16(self.device, bool(cfg.get("cpu_bf16", False))) if amp is None else amp
         self.preprocess = preprocess_transforms(self.loaded.preset.preprocess)
 
     @property

@@ -61,7 +61,7 @@ class TrainConfig:
     batch_size: int | None = None
     num_samples: int | None = None
     device: str = "auto"
-    amp: bool | None = None  # default: bf16 autocast on CUDA only
+    amp: bool | None = None  # default: bf16 autocast on CUDA, and on CPUs with bf16 when the preset asks
     seed: int = 0
     loss: str = "partial"  # or "naive": unannotated ROIs as background (baseline)
     text_encoder: str | None = None  # default: the preset's
@@ -92,6 +92,18 @@ def _device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def use_bf16(device: torch.device, on_cpu: bool) -> bool:
+    """bf16 autocast: always on CUDA; on the CPU when asked and the CPU has native bf16 (AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and on_cpu:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 def warmup_cosine_lr(step: int, base_lr: float, warmup: int, total: int, start_lr: float = 0.0,
@@ -265,7 +277,7 @@ class Trainer:
         self.base_lr = float(self.cfg.lr or t["lr"])
         self.warmup = int(self.cfg.warmup_epochs if self.cfg.warmup_epochs is not None else t["warmup_epochs"])
         self.loss_fn = NaiveBackgroundLoss() if self.cfg.loss == "naive" else PartialLabelLoss()
-        self.amp = (self.device.type == "cuda") if self.cfg.amp is None else bool(self.cfg.amp)
+        self.amp = use_bf16(self.device, t.get("cpu_bf16", False)) if self.cfg.amp is None else bool(self.cfg.amp)
         self.start_epoch = 0
         self.best: float | None = None
         if self.cfg.resume and (self.out / "last.pt").is_file():
@@ -414,9 +426,9 @@ class Trainer:
         target = batch["target"].to(self.device, non_blocking=True)
         annotated = batch["annotated"].to(self.device)
         task = batch["task_id"].to(self.device)
-        with torch.no_grad():
-            feats = self.model.dino(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad():
+                feats = self.model.dino(x)
             logits = self.net(x, feats, task)
         loss = self.loss_fn(logits.float(), target, annotated)
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ reference's trilinear resize because the slice axis keeps its size.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -74,7 +75,8 @@ class DinoSliceEncoder(nn.Module):
         dev_type = x.device.type
         for s in range(0, slices.shape[0], step):
             chunk = slices[s:s + step].expand(-1, 3, -1, -1)
-            with torch.autocast(dev_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            ctx = torch.autocast(dev_type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+            with ctx:  # without its own dtype, DINO follows the caller's autocast
                 hs = self.dino(pixel_values=chunk, output_hidden_states=True).hidden_states
             for i, layer in enumerate(self.layers):
                 outs[i].append(hs[layer][:, 1:].float())
