@@ -160,3 +160,16 @@ def test_cli_infer_and_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert main(["infer", "--model", str(tmp_path / "junk.pt"), "--input", str(tmp_path / "ct.nii.gz"),
                  "--output", str(tmp_path / "o.nii.gz")]) == 2
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_cli_phantoms_and_evaluate(tiny_checkpoint, tmp_path, capsys):
+    from cdpdnet.cli import main
+
+    assert main(["phantoms", str(tmp_path / "ph"), "--per-source", "1", "--heldout", "1", "--spacing", "6"]) == 0
+    assert main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "ph" / "dataset.json"),
+                 "--split", "test", "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "liver" in report and "hd95" in report.lower()
+    assert main(["map-labels", "IVC", "vertebra_L1"]) == 0
+    out = capsys.readouterr().out
+    assert "inferior_vena_cava" in out and "not mapped" in out
