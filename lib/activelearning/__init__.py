@@ -1,0 +1,3 @@
+from .uncertainty import MissingROIUncertainty, TTAUncertainty
+
+__all__ = ["TTAUncertainty", "MissingROIUncertainty"]

@@ -1,0 +1,3 @@
+from .cdpdnet import CDPDNet
+
+__all__ = ["CDPDNet"]

@@ -1,0 +1,217 @@
+"""Label saving with validation and the annotated-ROI record, for any MONAI Label datastore.
+
+``guard_datastore(ds)`` swaps the datastore object's class for a subclass that adds
+:class:`LabelGuardMixin` in front of the original class, so ``isinstance`` checks in MONAI Label
+(``DICOMWebDatastore`` for DICOM-SEG output, ...) still hold and every other method is untouched.
+
+``save_label`` (called by ``PUT /datastore/label`` and by infer with ``save_label``):
+
+1. the image must exist (404 otherwise);
+2. the label must be readable as an image (OHIF's raw ``.bin`` upload is converted with the image
+   as reference first), have the image's voxel shape (and affine, within 1e-2), and hold only
+   integer values in 0..32 (422 otherwise); nothing is written when a check fails;
+   when the client's ``label_info`` says that file value ``idx`` is structure ``name`` (3D Slicer
+   exports segments as 1..N in segment order) and that name is an ROI, the value is rewritten to
+   the ROI's label value before saving (``remapped_values`` in the label info);
+3. for the ``final`` tag, ``annotated`` (canonical ROI names) and ``annotated_from`` are recorded
+   in the label info by the rule in :mod:`lib.rois`.
+
+Also, before it writes ``datastore_v2.json``, a local datastore re-reads it when another process
+(a training or scoring subprocess) changed it, so one process does not overwrite the other's
+label or image info with a stale copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from cdpdnet.taxonomy import NUM_CLASSES
+
+from .errors import not_found, unprocessable
+from .rois import annotated_from_info, annotated_from_label_info_list, parse_rois, read_label_array, roi_names
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LabelGuardMixin", "guard_datastore", "sync_datastore", "FINAL"]
+
+FINAL = "final"
+AFFINE_TOL = 1e-2
+
+
+def sync_datastore(ds) -> None:
+    """Pick up changes another process wrote to a local datastore's json (cheap: an mtime check)."""
+    fn = getattr(ds, "_init_from_datastore_file", None)
+    if fn is not None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            logger.warning(f"could not re-read the datastore file: {e}")
+
+
+def _image_geometry(uri: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Voxel shape and affine (RAS) of an image, from the header alone for NIfTI."""
+    if uri.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(uri)
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    else:
+        from monai.transforms import LoadImage
+
+        img = LoadImage(image_only=True)(uri)
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape, affine
+
+
+def label_value_map(label_info) -> dict[int, int]:
+    """File value -> ROI value from a client's ``label_info`` (``[{"name", "idx"}]``, idx = the value in
+    the file, as 3D Slicer and OHIF send it), for the entries whose name is an ROI; ``{}`` when the
+    file already holds ROI values (every mapped ``idx`` equals its ROI value)."""
+    from cdpdnet.taxonomy import resolve_roi_name
+
+    out: dict[int, int] = {}
+    if not isinstance(label_info, list):
+        return out
+    for e in label_info:
+        if not isinstance(e, dict) or e.get("name") is None:
+            continue
+        idx = e.get("idx", e.get("index", e.get("value")))
+        r = resolve_roi_name(str(e["name"]))
+        try:
+            idx = int(idx)
+        except (TypeError, ValueError):
+            continue
+        if r is not None and idx > 0:
+            out[idx] = r.index
+    return out if any(k != v for k, v in out.items()) else {}
+
+
+def validate_label(label_path: str, image_uri: str, value_map: dict[int, int] | None = None):
+    """Check a label file against its image, remapping file values with ``value_map`` first.
+
+    Returns ``(ROI values present, remapped uint8 array or None, affine)``. Raises 422.
+    """
+    try:
+        arr, affine = read_label_array(label_path)
+    except ValueError as e:
+        raise unprocessable(f"label refused: {e}") from None
+    shape, img_affine = _image_geometry(image_uri)
+    if tuple(arr.shape) != tuple(shape):
+        raise unprocessable(f"label refused: its voxel shape {list(arr.shape)} differs from the image's {list(shape)}")
+    if not np.allclose(affine, img_affine, atol=AFFINE_TOL):
+        raise unprocessable("label refused: its geometry (affine) differs from the image's: "
+                            f"label {np.round(affine, 3).tolist()} vs image {np.round(img_affine, 3).tolist()}")
+    a = np.asarray(arr)
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.isfinite(a).all():
+            raise unprocessable("label refused: it contains NaN or infinite values")
+        if not np.array_equal(a, np.round(a)):
+            raise unprocessable("label refused: it contains non-integer values; a label map holds ROI values 0..32")
+    a = a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else np.round(a).astype(np.int64)
+    remapped = None
+    if value_map:
+        lut_size = max(int(a.max()) + 1, max(value_map) + 1) if a.size else 1
+        if a.min() >= 0 and lut_size <= 65536:
+            lut = np.arange(lut_size, dtype=np.int64)
+            for k, v in value_map.items():
+                lut[k] = v
+            a = lut[a]
+    vals = np.unique(a)
+    bad = [int(v) for v in vals if v < 0 or v > NUM_CLASSES]
+    if bad:
+        raise unprocessable(f"label refused: values {bad[:10]} are not ROI label values (0 = background, "
+                            f"1..{NUM_CLASSES} = the ROIs of /info models.cdpdnet.labels)")
+    if value_map:
+        remapped = a.astype(np.uint8)
+    return [int(v) for v in vals if v > 0], remapped, affine
+
+
+def annotated_for_save(params: dict, present: list[int], previous: list[int] | None) -> tuple[list[int], str]:
+    """The annotated-ROI rule (see :mod:`lib.rois`): returns (ROI values, how)."""
+    if params.get("annotated") not in (None, "", []):
+        declared = parse_rois(params["annotated"], "annotated")
+        return sorted(set(declared) | set(present)), "client annotated + values present"
+    if params.get("label_info") not in (None, "", []):
+        declared = annotated_from_label_info_list(params["label_info"])
+        return sorted(set(declared) | set(present)), "client label_info + values present"
+    prev = previous or []
+    return sorted(set(present) | set(prev)), "values present + previously annotated"
+
+
+class LabelGuardMixin:
+    """Put in front of a datastore class (see :func:`guard_datastore`)."""
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], *args, **kw):
+        sync_datastore(self)
+        info = dict(label_info or {})
+        if image_id not in self.list_images():
+            raise not_found(f"image {image_id!r} is not in the datastore (unknown image id)")
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri or not os.path.exists(image_uri):
+            raise not_found(f"image {image_id!r} has no readable image file")
+        converted = None
+        if str(label_filename).endswith(".bin"):
+            from monailabel.datastore.utils.convert import binary_to_image
+
+            try:
+                converted = binary_to_image(image_uri, label_filename)
+            except Exception as e:  # noqa: BLE001
+                raise unprocessable(f"label refused: the raw .bin label does not fit the image ({e})") from None
+            label_filename = converted
+        remapped_file = None
+        try:
+            value_map = label_value_map(info.get("label_info"))
+            present, remapped, affine = validate_label(label_filename, image_uri, value_map)
+            if remapped is not None:  # the client's file values were segment numbers: store ROI values
+                import tempfile
+
+                from cdpdnet.imageio import save_label_map
+
+                fd, remapped_file = tempfile.mkstemp(prefix="cdpdnet_label_", suffix=".nii.gz")
+                os.close(fd)
+                save_label_map(remapped, affine, remapped_file)
+                label_filename = remapped_file
+                info["remapped_values"] = {str(k): v for k, v in sorted(value_map.items())}
+            if (label_tag or FINAL) == FINAL:
+                prev = None
+                try:
+                    if self.get_label_uri(image_id, FINAL):
+                        prev = annotated_from_info(self.get_label_info(image_id, FINAL))
+                except Exception:  # noqa: BLE001
+                    prev = None
+                annotated, how = annotated_for_save(info, present, prev)
+                info["annotated"] = roi_names(annotated)
+                info["annotated_from"] = how
+            label_id = super().save_label(image_id, label_filename, label_tag, info, *args, **kw)
+            self._cdpdnet_last_save = {"image": image_id, "tag": label_tag or FINAL,
+                                       **{k: info[k] for k in ("annotated", "annotated_from") if k in info}}
+            return label_id
+        finally:
+            for tmp in (converted, remapped_file):
+                if tmp and os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        sync_datastore(self)
+        return super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        sync_datastore(self)
+        return super().update_label_info(label_id, label_tag, info)
+
+
+def guard_datastore(ds):
+    """Return ``ds`` with :class:`LabelGuardMixin` in front of its class (idempotent)."""
+    cls = type(ds)
+    if issubclass(cls, LabelGuardMixin):
+        return ds
+    ds.__class__ = type(f"Guarded{cls.__name__}", (LabelGuardMixin, cls), {})
+    return ds

@@ -1,0 +1,3 @@
+from .cdpdnet import CDPDNetInfer, CDPDNetPromptInfer
+
+__all__ = ["CDPDNetInfer", "CDPDNetPromptInfer"]

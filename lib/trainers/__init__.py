@@ -1,0 +1,3 @@
+from .cdpdnet import CDPDNetTrain
+
+__all__ = ["CDPDNetTrain"]
