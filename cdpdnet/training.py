@@ -254,9 +254,12 @@ class Trainer:
         self.batch_size = int(self.cfg.batch_size or t.get("batch_size", 1))
         self.num_samples = int(self.cfg.num_samples or t.get("num_samples", 2))
 
-        source_rois = dict(sources or {})
+        # one task per source dataset that has training samples (its ROIs: declared, else seen)
+        declared = dict(sources or {})
+        source_rois: dict[str, tuple[int, ...]] = {}
         for s in self.samples:
-            source_rois.setdefault(s.source, tuple(sorted(set(source_rois.get(s.source, ())) | set(s.annotated))))
+            seen = set(source_rois.get(s.source, declared.get(s.source, ()))) | set(s.annotated)
+            source_rois[s.source] = tuple(sorted(seen))
         if init is not None:
             self.loaded = model_from_checkpoint(init, self.device)
             self.tasks = self.loaded.tasks
