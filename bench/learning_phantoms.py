@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=200, help="schedule length; the budget usually ends training first")
     ap.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     ap.add_argument("--only", choices=["partial", "naive"], help="train just one of the two")
+    ap.add_argument("--preset", default="lite", help="preset name or JSON file (default lite)")
+    ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     a = ap.parse_args()
 
     import numpy as np
@@ -66,8 +68,8 @@ def main() -> None:
     for loss in (["partial", "naive"] if a.only is None else [a.only]):
         t0 = time.time()
         cfg = TrainConfig(out_dir=str(out / loss), epochs=a.epochs, iterations_per_epoch=a.iterations, loss=loss,
-                          max_minutes=a.minutes, progress=False, seed=0)
-        summary = Trainer(dl.training, "lite", cfg, sources={k: v for k, v in dl.sources.items()
+                          max_minutes=a.minutes, progress=False, seed=0, lr=a.lr)
+        summary = Trainer(dl.training, a.preset, cfg, sources={k: v for k, v in dl.sources.items()
                                                               if k in PHANTOM_SOURCES}).run()
         meta[loss] = {"train_seconds": time.time() - t0, "epochs_done": summary["epochs_done"],
                       "iterations": summary["epochs_done"] * a.iterations, "last_loss": summary["last_loss"]}
