@@ -41,7 +41,7 @@ from .factory import LoadedModel, build_model, checkpoint_payload, model_from_ch
 from .loss import NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
-from .taxonomy import NUM_CLASSES, ROIS
+from .taxonomy import ROIS
 
 __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr"]
 
@@ -453,9 +453,9 @@ class Trainer:
                    "seconds": float(sum(h.seconds for h in history))}
         if self.dist.main and history:
             model_path = self.out / "model.pt"
-            src = self.out / "best.pt" if (self.out / "best.pt").is_file() else None
-            if src is not None:
-                os.replace(src, model_path) if False else save_checkpoint(model_path, load_checkpoint(src))
+            best = self.out / "best.pt"
+            if best.is_file():  # the best validated epoch is the published model
+                save_checkpoint(model_path, load_checkpoint(best))
             else:
                 save_checkpoint(model_path, self._payload(history[-1].epoch, False, {"loss": history[-1].loss}))
             summary["model"] = str(model_path)

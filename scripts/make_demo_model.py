@@ -60,7 +60,7 @@ def main() -> int:
         run = cache / f"run-{a.preset}-{key}"
         t0 = time.time()
         print(f"demo model: training '{a.preset}' for up to {a.minutes:g} min on {len(dl.training)} cases "
-              f"from {len(dl.sources)} sources ...", flush=True)
+              f"from {len({c.source for c in dl.training})} sources ...", flush=True)
         cfg = TrainConfig(out_dir=str(run), epochs=1000, iterations_per_epoch=20, max_minutes=a.minutes,
                           progress=sys.stderr.isatty())
         summary = Trainer(dl.training, a.preset, cfg, sources=dl.sources).run()
