@@ -44,7 +44,31 @@ def _setup_paths() -> None:
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+def _die_with_server() -> None:
+    """In MONAI Label's train/scoring subprocess: get SIGTERM when the server goes away.
+
+    MONAI Label starts these with ``python -m monailabel.interfaces.utils.app`` and does not stop them
+    when the server is killed; an orphaned scoring run was seen using a core for 12 minutes. Linux's
+    ``PR_SET_PDEATHSIG`` ties the child to its parent (the training task turns SIGTERM into a clean stop).
+    """
+    if not sys.argv or not sys.argv[0].endswith(os.path.join("interfaces", "utils", "app.py")):
+        os.environ["CDPDNET_SERVER_PID"] = str(os.getpid())  # inherited by the subprocesses it starts
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        server = os.environ.get("CDPDNET_SERVER_PID")
+        if server and os.getppid() != int(server):  # the server died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        pass
+
+
 _setup_paths()
+_die_with_server()
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402

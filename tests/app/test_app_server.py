@@ -131,3 +131,48 @@ def test_real_server_with_monailabel_client(tmp_path, phantoms, tiny_checkpoint)
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_background_tasks_die_with_the_server(tmp_path, phantoms, tiny_checkpoint):
+    """Killing the server must not leave its training/scoring subprocess running (PR_SET_PDEATHSIG)."""
+    import psutil
+    import requests
+
+    studies = make_studies(tmp_path / "studies", phantoms)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(tiny_checkpoint, model_dir / "pretrained_cdpdnet.pt")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+    env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+           "--conf", "models", "cdpdnet", "--conf", "preset", "tiny", "--conf", "model_dir", str(model_dir),
+           "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: requests.get(f"{url}/info/", timeout=5).ok, STARTUP_TIMEOUT, "/info",
+                  proc, log)
+        r = requests.post(f"{url}/train/cdpdnet", json={"max_epochs": 1000, "max_minutes": 10}, timeout=30)
+        assert r.status_code == 200, r.text
+
+        def worker():
+            kids = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "interfaces.utils.app" in " ".join(p.cmdline())]
+            assert kids, "no training subprocess yet"
+            return kids
+
+        kids = _wait_for(worker, 60, "training subprocess", proc, log)
+        proc.send_signal(signal.SIGKILL)  # the harshest way the server can go
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(kids, timeout=60)
+        assert not alive, f"orphaned background tasks: {[p.pid for p in alive]}\n{_tail(log)}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
