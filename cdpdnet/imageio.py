@@ -6,6 +6,7 @@ channel-first ``MetaTensor [1, X, Y, Z]`` whose ``affine`` maps voxels to RAS wo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["InvalidImageError", "load_image", "validate_image", "save_label_map", "MAX_VOXELS"]
+__all__ = ["InvalidImageError", "load_image", "validate_image", "save_volume", "save_label_map", "atomic_path",
+           "MAX_VOXELS"]
 
 MAX_VOXELS = 1024 * 1024 * 1024  # refuse volumes above 1 Gvoxel (a 1024^3 CT)
 MIN_SIZE = 4
@@ -70,35 +72,55 @@ def validate_image(img, what: str = "image"):
     return img
 
 
-def save_label_map(label: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 label map atomically: NIfTI via nibabel, other formats via SimpleITK."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, with the
+    permissions of a normally created file; on failure it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
-
-            nii = nib.Nifti1Image(np.asarray(label, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
-            nii.set_qform(affine, code=1)
-            nii.set_sform(affine, code=1)
-            nib.save(nii, tmp)
-        else:
-            import SimpleITK as sitk
-
-            a = np.asarray(affine, dtype=np.float64)
-            lps = np.diag([-1.0, -1.0, 1.0]) @ a[:3, :3]
-            spacing = np.sqrt((lps ** 2).sum(0))
-            img = sitk.GetImageFromArray(np.asarray(label, dtype=np.uint8).transpose(2, 1, 0))
-            img.SetSpacing(spacing.tolist())
-            img.SetDirection((lps / spacing).flatten().tolist())
-            img.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ a[:3, 3]).tolist())
-            sitk.WriteImage(img, tmp, useCompression=True)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=None) -> Path:
+    """Write a 3D volume atomically: NIfTI via nibabel (q/sform from ``affine``, mm units), other
+    formats (NRRD, MHA, ...) via SimpleITK with the RAS affine converted to ITK's LPS."""
+    path = Path(path)
+    arr = np.asarray(array if dtype is None else np.asarray(array, dtype=dtype))
+    affine = np.asarray(affine, dtype=np.float64)
+    with atomic_path(path) as tmp:
+        if path.name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            nii = nib.Nifti1Image(arr, affine)
+            nii.set_qform(affine, code=1)
+            nii.set_sform(affine, code=1)
+            nii.header.set_xyzt_units("mm")
+            nib.save(nii, tmp)
+        else:
+            import SimpleITK as sitk
+
+            lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
+            spacing = np.sqrt((lps ** 2).sum(0))
+            img = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
+            img.SetSpacing(spacing.tolist())
+            img.SetDirection((lps / spacing).flatten().tolist())
+            img.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3]).tolist())
+            sitk.WriteImage(img, tmp, useCompression=True)
     return path
+
+
+def save_label_map(label: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write a ``uint8`` label map atomically (see :func:`save_volume`)."""
+    return save_volume(label, affine, path, dtype=np.uint8)

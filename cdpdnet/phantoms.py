@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1003,35 +1002,15 @@ def make_phantom(
 
 
 def _save_nifti_atomic(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
+    from .imageio import save_volume
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name.split(".")[0] + ".", suffix=".tmp.nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_volume(arr, affine, path)
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def write_phantom_dataset(
