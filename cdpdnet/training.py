@@ -71,6 +71,9 @@ class TrainConfig:
     val_every: int = 0  # epochs between validations (0 = never)
     progress: bool = True
     threads: int | None = None
+    # "reference": warm-up then cosine to 0 at the last epoch (the published recipe, for long runs);
+    # "finetune": cosine from the first epoch, no warm-up, floor at 10 % (short rounds on a served model)
+    schedule: str = "reference"
 
 
 @dataclass
@@ -279,6 +282,8 @@ class Trainer:
                                                               else t["weight_decay"]))
         self.base_lr = float(self.cfg.lr or t["lr"])
         self.warmup = int(self.cfg.warmup_epochs if self.cfg.warmup_epochs is not None else t["warmup_epochs"])
+        if self.cfg.schedule not in ("reference", "finetune"):
+            raise ValueError(f"unknown schedule {self.cfg.schedule!r}: use 'reference' or 'finetune'")
         self.loss_fn = NaiveBackgroundLoss() if self.cfg.loss == "naive" else PartialLabelLoss()
         self.amp = use_bf16(self.device, t.get("cpu_bf16", False)) if self.cfg.amp is None else bool(self.cfg.amp)
         self.start_epoch = 0
@@ -418,8 +423,10 @@ class Trainer:
         return summary
 
     def _lr_for(self, epoch: int) -> float:
-        # the reference steps its scheduler at the start of each epoch: epoch e uses the value at e + 1
-        lr = warmup_cosine_lr(epoch + 1, self.base_lr, self.warmup, self.epochs)
+        if self.cfg.schedule == "finetune":  # the last epoch of a short round must not run at lr 0
+            lr = warmup_cosine_lr(epoch, self.base_lr, 0, self.epochs, eta_min=0.1 * self.base_lr)
+        else:  # the reference steps its scheduler at the start of each epoch: epoch e uses the value at e + 1
+            lr = warmup_cosine_lr(epoch + 1, self.base_lr, self.warmup, self.epochs)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr

@@ -136,22 +136,6 @@ class _TrainLock:
             pass
 
 
-def _fine_tuner_class():
-    from cdpdnet.training import Trainer, warmup_cosine_lr
-
-    class FineTuner(Trainer):
-        """The core Trainer with a fine-tuning schedule: epoch ``e`` of ``E`` uses the cosine value at
-        ``e`` (no warm-up), so the last epoch does not run at a zero learning rate."""
-
-        def _lr_for(self, epoch: int) -> float:
-            lr = warmup_cosine_lr(epoch, self.base_lr, 0, self.epochs, eta_min=0.1 * self.base_lr)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            return lr
-
-    return FineTuner
-
-
 def _num(req: dict, key: str, kind, lo: float, hi: float | None = None):
     v = req.get(key, DEFAULTS.get(key))
     try:
@@ -216,7 +200,7 @@ class CDPDNetTrain(TrainTask):
             lock.release()
 
     def _run(self, datastore, epochs, iters, max_minutes, val_split, lr, seed, threads, device) -> dict:
-        from cdpdnet.training import TrainConfig
+        from cdpdnet.training import TrainConfig, Trainer
 
         samples, notes = collect_samples(datastore)
         for n in notes:
@@ -277,12 +261,12 @@ class CDPDNetTrain(TrainTask):
 
         cfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, iterations_per_epoch=iters or None,
                           max_minutes=max_minutes or None, device=device, init_checkpoint=init, seed=seed,
-                          val_every=1 if val else 0, progress=False, lr=lr or None, threads=threads or None)
+                          val_every=1 if val else 0, progress=False, lr=lr or None, threads=threads or None,
+                          schedule="finetune")
         logger.info(f"Training {len(train)} images ({len(val)} validation) from {init or 'scratch'} "
                     f"({base_version or 'no version'}) for {epochs} epochs on {device}")
         try:
-            trainer = _fine_tuner_class()(train, self.preset, cfg, validation=val, on_epoch=on_epoch,
-                                          should_stop=should_stop)
+            trainer = Trainer(train, self.preset, cfg, validation=val, on_epoch=on_epoch, should_stop=should_stop)
             summary = trainer.run()
         except Exception:
             self._write_stats({**stats, "status": "ERROR", "total_time": elapsed()})

@@ -93,3 +93,13 @@ def test_torchrun_ddp_only_rank0_writes(phantoms, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one writer
     assert (out / "model.pt").is_file()
+
+
+def test_finetune_schedule_never_reaches_zero(phantoms, tmp_path):
+    _, dl = phantoms
+    tr = Trainer(dl.training, "tiny", _cfg(tmp_path / "ft", epochs=2, schedule="finetune", lr=1e-3))
+    assert tr._lr_for(0) == pytest.approx(1e-3) and tr._lr_for(1) >= 1e-4
+    ref = Trainer(dl.training, "tiny", _cfg(tmp_path / "ref", epochs=2, lr=1e-3))
+    assert ref._lr_for(1) == 0.0  # the published schedule ends at 0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Trainer(dl.training, "tiny", _cfg(tmp_path / "x", schedule="linear"))
