@@ -45,21 +45,18 @@ def _tail(log, n=60) -> str:
         return ""
 
 
-@pytest.mark.slow
-def test_real_server_with_monailabel_client(tmp_path, phantoms, tiny_checkpoint):
-    from monailabel.client import MONAILabelClient
-    from monailabel.client.client import MONAILabelClientException
-
+def _start_server(tmp_path, phantoms, tiny_checkpoint):
+    """A real ``monailabel.main start_server`` process (own session) on a free loopback port, tiny model,
+    auto-scoring off, PYTHONPATH removed (the app must find lib/ and cdpdnet on its own)."""
     studies = make_studies(tmp_path / "studies", phantoms)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     shutil.copy(tiny_checkpoint, model_dir / "pretrained_cdpdnet.pt")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
-    # scoring runs when asked (below), not after every next-sample: keeps the 2-core test machine free
     env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1",
                 "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
-    env.pop("PYTHONPATH", None)  # the app must find lib/ and cdpdnet on its own
+    env.pop("PYTHONPATH", None)
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--conf", "models", "cdpdnet", "--conf", "preset", "tiny", "--conf", "model_dir", str(model_dir),
            "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
@@ -67,6 +64,15 @@ def test_real_server_with_monailabel_client(tmp_path, phantoms, tiny_checkpoint)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
                                 start_new_session=True)
+    return proc, port, log, studies, model_dir
+
+
+@pytest.mark.slow
+def test_real_server_with_monailabel_client(tmp_path, phantoms, tiny_checkpoint):
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    proc, port, log, studies, model_dir = _start_server(tmp_path, phantoms, tiny_checkpoint)
     try:
         client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(tmp_path / "client"))
         info = _wait_for(client.info, STARTUP_TIMEOUT, "/info", proc, log)
@@ -139,20 +145,7 @@ def test_background_tasks_die_with_the_server(tmp_path, phantoms, tiny_checkpoin
     import psutil
     import requests
 
-    studies = make_studies(tmp_path / "studies", phantoms)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    shutil.copy(tiny_checkpoint, model_dir / "pretrained_cdpdnet.pt")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
-    env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-           "--conf", "models", "cdpdnet", "--conf", "preset", "tiny", "--conf", "model_dir", str(model_dir),
-           "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
-                                start_new_session=True)
+    proc, port, log, _, _ = _start_server(tmp_path, phantoms, tiny_checkpoint)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: requests.get(f"{url}/info/", timeout=5).ok, STARTUP_TIMEOUT, "/info",
