@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import SpatialResample
 
+from .device import use_bf16
 from .factory import LoadedModel, model_from_checkpoint
 from .imageio import load_image, save_label_map, validate_image
 from .postprocess import DEFAULT_RULES, merge_to_label_map, postprocess_masks
@@ -85,8 +86,6 @@ class Segmenter:
         self.mode = cfg.get("mode", "gaussian")
         self.sigma_scale = float(cfg.get("sigma_scale", 0.125))
         self.do_postprocess = postprocess
-        from .training import use_bf16
-
         self.amp = use_bf16(self.device, bool(cfg.get("cpu_bf16", False))) if amp is None else amp
         self.preprocess = preprocess_transforms(self.loaded.preset.preprocess)
 

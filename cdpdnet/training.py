@@ -36,6 +36,7 @@ from monai.transforms import (
 )
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .device import use_bf16
 from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
 from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
 from .loss import NaiveBackgroundLoss, PartialLabelLoss
@@ -95,18 +96,6 @@ def _device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def use_bf16(device: torch.device, on_cpu: bool) -> bool:
-    """bf16 autocast: always on CUDA; on the CPU when asked and the CPU has native bf16 (AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu" and on_cpu:
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def warmup_cosine_lr(step: int, base_lr: float, warmup: int, total: int, start_lr: float = 0.0,
