@@ -45,7 +45,7 @@ def cmd_train(a) -> int:
     print(dl.report())
     cfg = TrainConfig(out_dir=a.out, epochs=a.epochs, iterations_per_epoch=a.iterations, lr=a.lr, device=a.device,
                       seed=a.seed, loss=a.loss, text_encoder=a.text_encoder, init_checkpoint=a.init, resume=a.resume,
-                      max_minutes=a.max_minutes, val_every=a.val_every, threads=a.threads)
+                      max_minutes=a.max_minutes, val_every=a.val_every, threads=a.threads, schedule=a.schedule)
     validation = dl.validation if a.val_every else []
     summary = Trainer(dl.training, a.preset, cfg, validation=validation, sources=dl.sources).run()
     print(json.dumps(summary, indent=2))
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partial: only annotated ROIs are supervised (CDPDNet); naive: unannotated = background")
     s.add_argument("--text-encoder", help="minilm (default offline), clip:/path.pt, precomputed:/file.pt")
     s.add_argument("--max-minutes", type=float, help="stop cleanly after this much training time")
+    s.add_argument("--schedule", choices=["reference", "finetune", "budget"], default="reference",
+                   help="learning-rate schedule: the published warm-up + cosine over the epochs (reference), "
+                        "cosine with a 10%% floor (finetune), or warm-up + cosine over --max-minutes (budget)")
     s.add_argument("--val-every", type=int, default=0, help="validate every N epochs on the validation split")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (multi-GPU: run under torchrun)")
     s.add_argument("--threads", type=int, help="CPU threads")

@@ -1,13 +1,15 @@
 """Partial-label training of CDPDNet (reference section 4), on CPU, one GPU or many (``torchrun``).
 
 * samples: image + ROI-valued label + the set of annotated ROIs (:mod:`cdpdnet.data`);
-* uniform sampling over source datasets; per volume ``num_samples`` crops: positive/negative crops
-  around annotated foreground, or label-class crops weighted ``tumor_ratios`` (background, organ,
-  lesion) for sources that annotate lesions; optional rot90 and intensity shift;
+* uniform sampling over source datasets; per volume ``num_samples`` crops (``train.crop``): the
+  reference's positive/negative crops around annotated foreground, or label-class crops weighted
+  ``tumor_ratios`` (background, organ, lesion) for sources that annotate lesions; or class-balanced
+  crops centred on an annotated ROI drawn uniformly; optional rot90 and intensity shift;
 * loss: BCE + Dice over the (sample, annotated ROI) pairs only (:class:`cdpdnet.loss.PartialLabelLoss`),
   or the naive baseline that treats unannotated ROIs as background;
-* AdamW, linear warm-up + cosine schedule stepped once per epoch at its start (as the reference);
-* bf16 autocast on CUDA; DDP under ``torchrun`` where only rank 0 logs and writes;
+* AdamW, linear warm-up + cosine schedule stepped once per epoch at its start (as the reference),
+  or annealed over a time budget (``schedule="budget"``);
+* bf16 autocast on CUDA, channels-last 3D convolutions on the CPU; DDP under ``torchrun`` where only rank 0 logs and writes;
 * atomic checkpoints every epoch (``last.pt``: resumable) and the published model (``model.pt``);
 * a progress bar, a JSON-lines metrics log, a stop flag and a time budget.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import (
+    ClassesToIndicesd,
     LoadImaged,
     EnsureChannelFirstd,
     RandCropByLabelClassesd,
@@ -36,13 +39,13 @@ from monai.transforms import (
 )
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .device import use_bf16
+from .device import memory_format, use_bf16
 from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
 from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
 from .loss import NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
-from .taxonomy import ROIS
+from .taxonomy import NUM_CLASSES, ROIS
 
 __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr"]
 
@@ -74,6 +77,8 @@ class TrainConfig:
     threads: int | None = None
     # "reference": warm-up then cosine to 0 at the last epoch (the published recipe, for long runs);
     # "finetune": cosine from the first epoch, no warm-up, floor at 10 % (short rounds on a served model)
+    # "budget": warm-up (first 2 %) and cosine to 0 over the time budget ``max_minutes``, set every
+    # iteration (a CPU run of N minutes ends annealed whatever its speed)
     schedule: str = "reference"
 
 
@@ -143,6 +148,9 @@ class _CaseCache:
         self.remap = RemapLabelValuesd("label")
         self.pre = preprocess_transforms(preset.preprocess, keys=("image",), label_keys=("label",))
         self.pad = SpatialPadd(["image", "label"], preset.patch_size)
+        # per-ROI voxel indices, computed once per case, for the class-balanced crop policy
+        self.indices = (ClassesToIndicesd("label", num_classes=NUM_CLASSES + 1, indices_postfix="_indices")
+                        if crop_policy(preset) == "classes" else None)
         self.cache: dict[str, dict] = {}
 
     def __call__(self, d: dict) -> dict:
@@ -154,19 +162,36 @@ class _CaseCache:
             # three-class map for label-class crops: 0 background, 1 annotated organ, 2 annotated lesion
             x["classes"] = torch.from_numpy(np.where(lab > 0, 1 + LESIONS[lab], 0).astype(np.uint8))
             x["image"] = x["image"].float()
-            self.cache[key] = {k: v for k, v in x.items() if k in ("image", "label", "classes")}
+            if self.indices is not None:
+                x = self.indices(x)
+            self.cache[key] = {k: v for k, v in x.items() if k in ("image", "label", "classes", "label_indices")}
         out = dict(d)
         out.update(self.cache[key])
         return out
 
 
+def crop_policy(preset: Preset) -> str:
+    """``train.crop`` of a preset: ``"posneg"`` (the reference's pos/neg and lesion-class crops) or
+    ``"classes"`` (class-balanced: each crop centred on a voxel of an annotated ROI drawn uniformly,
+    or on background with weight ``train.background_ratio``)."""
+    policy = preset.train.get("crop", "posneg")
+    if policy not in ("posneg", "classes"):
+        raise ValueError(f"unknown crop policy train.crop={policy!r}: use 'posneg' or 'classes'")
+    return policy
+
+
 class _RandomCrops:
-    """Per volume: ``num_samples`` crops (pos/neg, or lesion-weighted label classes), augmentation, targets."""
+    """Per volume: ``num_samples`` crops (see :func:`crop_policy`), augmentation, targets."""
 
     def __init__(self, preset: Preset, num_samples: int, seed: int):
         t = preset.train
         patch = preset.patch_size
         keys = ["image", "label"]
+        self.policy = crop_policy(preset)
+        self.background_ratio = float(t.get("background_ratio", 1.0))
+        self.balanced = RandCropByLabelClassesd(keys, "label", patch, ratios=[1.0] * (NUM_CLASSES + 1),
+                                                num_classes=NUM_CLASSES + 1, num_samples=num_samples,
+                                                indices_key="label_indices", allow_smaller=True, warn=False)
         self.posneg = RandCropByPosNegLabeld(keys, "label", patch, pos=t.get("pos", 2), neg=t.get("neg", 1),
                                              num_samples=num_samples, image_key="image", image_threshold=0,
                                              allow_smaller=True)
@@ -178,12 +203,17 @@ class _RandomCrops:
                                          prob=t.get("shift_intensity_prob", 0.2))
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
-        for tr in (self.posneg, self.by_class, self.rot, self.shift):
+        for tr in (self.posneg, self.by_class, self.balanced, self.rot, self.shift):
             tr.set_random_state(seed)
 
     def __call__(self, d: dict) -> list[dict]:
-        lesions = any(ROIS[v - 1].is_lesion for v in np.flatnonzero(np.asarray(d["annotated"])) + 1)
-        if lesions:
+        annotated = np.asarray(d["annotated"])
+        lesions = any(ROIS[v - 1].is_lesion for v in np.flatnonzero(annotated) + 1)
+        if self.policy == "classes":
+            # ROIs without voxels in this case get no crops (MONAI drops empty classes from the ratios)
+            self.balanced.cropper.ratios = [self.background_ratio] + [float(a) for a in annotated]
+            crops = self.balanced({k: d[k] for k in ("image", "label", "label_indices")})
+        elif lesions:
             crops = self.by_class({k: d[k] for k in ("image", "label", "classes")})
         else:
             crops = self.posneg({k: d[k] for k in ("image", "label")})
@@ -263,6 +293,8 @@ class Trainer:
             model.net.set_text_embeddings(self.text.pop("organ_embeddings"), self.text.pop("task_embeddings"))
             self.loaded = LoadedModel(model, self.preset, {"tasks": self.tasks, "text": self.text})
         self.model = self.loaded.model.to(self.device)
+        self.layout = memory_format(self.device)
+        self.model.net.to(memory_format=self.layout)
         self.task_index = {t["name"]: i for i, t in enumerate(self.tasks)}
 
         params = self.model.trainable_parameters()
@@ -271,8 +303,10 @@ class Trainer:
                                                               else t["weight_decay"]))
         self.base_lr = float(self.cfg.lr or t["lr"])
         self.warmup = int(self.cfg.warmup_epochs if self.cfg.warmup_epochs is not None else t["warmup_epochs"])
-        if self.cfg.schedule not in ("reference", "finetune"):
-            raise ValueError(f"unknown schedule {self.cfg.schedule!r}: use 'reference' or 'finetune'")
+        if self.cfg.schedule not in ("reference", "finetune", "budget"):
+            raise ValueError(f"unknown schedule {self.cfg.schedule!r}: use 'reference', 'finetune' or 'budget'")
+        if self.cfg.schedule == "budget" and not self.cfg.max_minutes:
+            raise ValueError("schedule 'budget' needs a time budget (max_minutes)")
         self.loss_fn = NaiveBackgroundLoss() if self.cfg.loss == "naive" else PartialLabelLoss()
         self.amp = use_bf16(self.device, t.get("cpu_bf16", False)) if self.cfg.amp is None else bool(self.cfg.amp)
         self.start_epoch = 0
@@ -378,6 +412,8 @@ class Trainer:
 
                 bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
             for batch in loader:
+                if cfg.schedule == "budget":
+                    lr = self._budget_lr(deadline)
                 loss = self._step(batch)
                 comp = self.loss_fn.components()
                 sums += (loss, comp.get("bce", 0.0), comp.get("dice", 0.0))
@@ -411,6 +447,14 @@ class Trainer:
         self.dist.close()
         return summary
 
+    def _budget_lr(self, deadline: float) -> float:
+        budget = self.cfg.max_minutes * 60
+        permille = int(1000 * min(max(1.0 - (deadline - time.monotonic()) / budget, 0.0), 1.0))
+        lr = warmup_cosine_lr(permille, self.base_lr, 20, 1000, start_lr=0.1 * self.base_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
     def _lr_for(self, epoch: int) -> float:
         if self.cfg.schedule == "finetune":  # the last epoch of a short round must not run at lr 0
             lr = warmup_cosine_lr(epoch, self.base_lr, 0, self.epochs, eta_min=0.1 * self.base_lr)
@@ -421,7 +465,7 @@ class Trainer:
         return lr
 
     def _step(self, batch: dict) -> float:
-        x = batch["image"].to(self.device, non_blocking=True)
+        x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.layout)
         target = batch["target"].to(self.device, non_blocking=True)
         annotated = batch["annotated"].to(self.device)
         task = batch["task_id"].to(self.device)

@@ -103,3 +103,53 @@ def test_finetune_schedule_never_reaches_zero(phantoms, tmp_path):
     assert ref._lr_for(1) == 0.0  # the published schedule ends at 0
     with pytest.raises(ValueError, match="unknown schedule"):
         Trainer(dl.training, "tiny", _cfg(tmp_path / "x", schedule="linear"))
+
+
+def test_budget_schedule_anneals_over_the_time_budget(phantoms, tmp_path, monkeypatch):
+    """``schedule="budget"``: warm-up, peak, then cosine to 0 as the time budget runs out."""
+    import cdpdnet.training as training
+
+    _, dl = phantoms
+    with pytest.raises(ValueError, match="time budget"):
+        Trainer(dl.training, "tiny", _cfg(tmp_path / "nobudget", schedule="budget"))
+    tr = Trainer(dl.training, "tiny", _cfg(tmp_path / "b", schedule="budget", max_minutes=10, lr=1e-3))
+    deadline = 1000.0 + 600.0
+    lrs = []
+    for elapsed in (0.0, 60.0, 300.0, 599.0, 700.0):
+        monkeypatch.setattr(training.time, "monotonic", lambda e=elapsed: 1000.0 + e)
+        lrs.append(tr._budget_lr(deadline))
+    assert lrs[0] == pytest.approx(1e-4)  # warm-up starts at 10 %
+    assert lrs[1] > 0.9e-3 and lrs[2] == pytest.approx(0.5e-3, rel=0.05)
+    assert lrs[3] < 1e-5 and lrs[4] == 0.0
+    assert all(g["lr"] == 0.0 for g in tr.optimizer.param_groups)
+
+
+def _crops_containing(policy: str, sample, roi_value: int, n: int = 24) -> float:
+    """Fraction of training crops (``tiny`` preset, crop policy ``policy``) that contain ROI ``roi_value``."""
+    import numpy as np
+
+    from cdpdnet.data import annotated_vector
+    from cdpdnet.preset import load_preset
+    from cdpdnet.training import _CaseCache, _RandomCrops
+
+    preset = load_preset("tiny", {"train": {"crop": policy, "background_ratio": 0.0}})
+    d = _CaseCache(preset)({"image": sample.image, "label": sample.label})
+    d.update(annotated=annotated_vector(sample.annotated), task_id=0)
+    crops = _RandomCrops(preset, num_samples=n, seed=0)(d)
+    return float(np.mean([c["target"][roi_value - 1].any().item() for c in crops]))
+
+
+def test_class_balanced_crops_reach_small_rois(phantoms):
+    """``train.crop = "classes"`` centres crops on annotated ROIs drawn uniformly, so a small ROI is
+    seen as often as a big one; the reference's pos/neg crops follow the voxel counts."""
+    from cdpdnet.taxonomy import roi
+
+    _, dl = phantoms
+    s = next(x for x in dl.training if x.source == "phantom_btcv")
+    liver, adrenal = roi("liver").index, roi("adrenal_gland_left").index
+    sample = type(s)(image=s.image, label=s.label, annotated=(liver, adrenal), source=s.source)
+    balanced = _crops_containing("classes", sample, adrenal)
+    posneg = _crops_containing("posneg", sample, adrenal)
+    assert balanced >= 0.4 and balanced > posneg
+    with pytest.raises(ValueError, match="crop policy"):
+        _crops_containing("everything", sample, adrenal)
