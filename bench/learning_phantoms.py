@@ -7,6 +7,8 @@ Both are evaluated on fully labelled held-out phantoms (Dice per ROI); a Markdow
 and written to ``--out``. Usage::
 
     HF_HUB_OFFLINE=1 python bench/learning_phantoms.py --minutes 20 --out runs/bench-learning
+
+The learning rate follows the ``budget`` schedule: warm-up, then cosine to 0 at the end of the budget.
 """
 
 from __future__ import annotations
@@ -41,14 +43,20 @@ def evaluate(model_path: str, samples) -> dict[str, list[float]]:
     return per
 
 
+def _iterations(run: Path) -> int:
+    """Iterations actually run (the last epoch is cut short by the budget), from the metrics log."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(x)["iterations"] for x in lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-learning")
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget per model")
-    ap.add_argument("--per-source", type=int, default=4)
+    ap.add_argument("--per-source", type=int, default=8, help="training phantoms per virtual source")
     ap.add_argument("--heldout", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=200, help="schedule length; the budget usually ends training first")
-    ap.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
+    ap.add_argument("--epochs", type=int, default=1000, help="upper bound; the time budget ends training first")
+    ap.add_argument("--iterations", type=int, default=40, help="iterations per epoch (logging granularity)")
     ap.add_argument("--only", choices=["partial", "naive"], help="train just one of the two")
     ap.add_argument("--preset", default="lite", help="preset name or JSON file (default lite)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
@@ -68,11 +76,11 @@ def main() -> None:
     for loss in (["partial", "naive"] if a.only is None else [a.only]):
         t0 = time.time()
         cfg = TrainConfig(out_dir=str(out / loss), epochs=a.epochs, iterations_per_epoch=a.iterations, loss=loss,
-                          max_minutes=a.minutes, progress=False, seed=0, lr=a.lr)
+                          max_minutes=a.minutes, progress=False, seed=0, lr=a.lr, schedule="budget")
         summary = Trainer(dl.training, a.preset, cfg, sources={k: v for k, v in dl.sources.items()
                                                               if k in PHANTOM_SOURCES}).run()
         meta[loss] = {"train_seconds": time.time() - t0, "epochs_done": summary["epochs_done"],
-                      "iterations": summary["epochs_done"] * a.iterations, "last_loss": summary["last_loss"]}
+                      "iterations": _iterations(out / loss), "last_loss": summary["last_loss"]}
         results[loss] = evaluate(summary["model"], dl.test)
         print(loss, json.dumps(meta[loss]), flush=True)
 

@@ -61,8 +61,8 @@ def main() -> int:
         t0 = time.time()
         print(f"demo model: training '{a.preset}' for up to {a.minutes:g} min on {len(dl.training)} cases "
               f"from {len({c.source for c in dl.training})} sources ...", flush=True)
-        cfg = TrainConfig(out_dir=str(run), epochs=1000, iterations_per_epoch=20, max_minutes=a.minutes,
-                          progress=sys.stderr.isatty())
+        cfg = TrainConfig(out_dir=str(run), epochs=100000, iterations_per_epoch=20, max_minutes=a.minutes,
+                          progress=sys.stderr.isatty(), schedule="budget")  # annealed when the budget ends
         summary = Trainer(dl.training, a.preset, cfg, sources=dl.sources).run()
         atomic_write_bytes(model, Path(summary["model"]).read_bytes())
         shutil.rmtree(run, ignore_errors=True)
