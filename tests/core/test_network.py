@@ -124,3 +124,20 @@ def test_dino_and_only_dino_is_frozen():
     assert all(p.requires_grad for p in m.trainable_parameters())
     m.train()
     assert not m.dino.dino.training
+
+
+def test_instance_norm_keeps_channels_last_and_matches_the_exact_kernel():
+    """The CPU layout path (group_norm, one channel per group) normalises like nn.InstanceNorm3d."""
+    from cdpdnet.networks.blocks import InstanceNorm3d
+
+    torch.manual_seed(0)
+    ours, ref = InstanceNorm3d(6, affine=True), torch.nn.InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())  # same parameters, same keys
+    x = torch.randn(2, 6, 8, 10, 12) * 2 + 0.5
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    out = ours(cl)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, ref(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours(x), ref(x))  # contiguous input: the exact kernel
