@@ -19,6 +19,7 @@ Each run is a child process of its own, so memory peaks do not mix. Inputs: the 
 
     HF_HUB_OFFLINE=1 python bench/inference.py --out runs/bench-infer
     HF_HUB_OFFLINE=1 python bench/inference.py --inputs synthetic --runners lite paper --paper-windows 4
+    HF_HUB_OFFLINE=1 python bench/inference.py --inputs synthetic --runners paper --paper-windows 0 --device cuda
 
 ``--paper-windows N`` times the paper preset on its first N windows only and scales the network
 stages by the window count (stated in the table), because a full ``paper`` run takes tens of
@@ -88,11 +89,20 @@ class Timer:
         module.register_forward_hook(self._post)
 
     def _pre(self, mod, args):
+        _sync()
         self._t = time.perf_counter()
         self.items += int(args[0].shape[0])
 
     def _post(self, mod, args, out):
+        _sync()
         self.seconds += time.perf_counter() - self._t
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def flops_of(fn) -> float:
@@ -146,14 +156,15 @@ def _cdpdnet_model(preset: str, lite_model: str | None):
     return LoadedModel(model.eval(), p, {"tasks": [{"name": "bench", "rois": []}], "text": {}}), "random weights"
 
 
-def run_cdpdnet(image: str, preset: str, out_label: str, lite_model: str | None, max_windows: int | None) -> dict:
+def run_cdpdnet(image: str, preset: str, out_label: str, lite_model: str | None, max_windows: int | None,
+                device: str = "cpu") -> dict:
     import torch
 
     from cdpdnet.inference import Segmenter
 
     t = time.perf_counter()
     loaded, weights = _cdpdnet_model(preset, lite_model)
-    seg = Segmenter(loaded)
+    seg = Segmenter(loaded, device=device)
     model_load = time.perf_counter() - t
     model = seg.loaded.model
     whole, dino = Timer(model), Timer(model.dino)
@@ -167,7 +178,7 @@ def run_cdpdnet(image: str, preset: str, out_label: str, lite_model: str | None,
             def limited(patch):
                 calls["n"] += patch.shape[0]
                 if calls["n"] > max_windows and calls["channels"] is not None:
-                    return torch.zeros(patch.shape[0], calls["channels"], *patch.shape[2:])
+                    return patch.new_zeros(patch.shape[0], calls["channels"], *patch.shape[2:])
                 out = predictor(patch)
                 calls["channels"] = out.shape[1]
                 return out
@@ -189,9 +200,9 @@ def run_cdpdnet(image: str, preset: str, out_label: str, lite_model: str | None,
     st["dino"] = dino.seconds * scale
     st["cnn"] = (whole.seconds - dino.seconds) * scale
     st["sw_overhead"] = max(res.timings["network"] - whole.seconds, 0.0)
-    x = torch.zeros(1, 1, *seg.preset.patch_size)
+    x = torch.zeros(1, 1, *seg.preset.patch_size, device=device)
     with torch.no_grad():
-        f_all = flops_of(lambda: model(x, torch.tensor([-1])))
+        f_all = flops_of(lambda: model(x, torch.tensor([-1], device=device)))
         f_dino = flops_of(lambda: model.dino(x))
     peaks = {k: mem.peak(*bounds[k]) for k in bounds}
     return {
@@ -213,7 +224,8 @@ def _peer_network(name: str, out_channels: int):
     return SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=48, spatial_dims=3)
 
 
-def run_peer(image: str, name: str, out_label: str, spacing: float, max_windows: int | None) -> dict:
+def run_peer(image: str, name: str, out_label: str, spacing: float, max_windows: int | None,
+             device: str = "cpu") -> dict:
     import numpy as np
     import torch
     from monai.data import MetaTensor
@@ -222,15 +234,17 @@ def run_peer(image: str, name: str, out_label: str, spacing: float, max_windows:
 
     from cdpdnet.imageio import load_image, save_label_map
 
-    net = _peer_network(name, 33).eval()  # 32 ROIs + background, softmax
+    net = _peer_network(name, 33).to(device).eval()  # 32 ROIs + background, softmax
     roi, calls = (96, 96, 96), {"n": 0, "timed": 0, "s": 0.0}
 
     def predictor(p):
         calls["n"] += p.shape[0]
-        if max_windows and calls["n"] > max_windows:
-            return torch.zeros(p.shape[0], 33, *p.shape[2:])
+        if max_windows and calls["timed"] >= max_windows:  # the cap rounds up to a whole batch
+            return p.new_zeros(p.shape[0], 33, *p.shape[2:])
+        _sync()
         t = time.perf_counter()
         out = net(p)
+        _sync()
         calls["s"] += time.perf_counter() - t
         calls["timed"] += p.shape[0]
         return out
@@ -244,9 +258,9 @@ def run_peer(image: str, name: str, out_label: str, spacing: float, max_windows:
         x = ScaleIntensityRange(-175, 250, 0.0, 1.0, clip=True)(Spacing((spacing,) * 3, mode="bilinear")(
             Orientation("RAS")(img)))
         marks.append(time.perf_counter())
-        logits = sliding_window_inference(x[None], roi, 2, predictor, overlap=0.4, mode="gaussian")
+        logits = sliding_window_inference(x[None].to(device), roi, 2, predictor, overlap=0.4, mode="gaussian")
         marks.append(time.perf_counter())
-        lab = torch.softmax(logits[0], 0).argmax(0, keepdim=True).to(torch.uint8)
+        lab = torch.softmax(logits[0], 0).argmax(0, keepdim=True).to(torch.uint8).cpu()
         del logits
         marks.append(time.perf_counter())
         lab = MetaTensor(lab, affine=x.affine)
@@ -262,7 +276,7 @@ def run_peer(image: str, name: str, out_label: str, spacing: float, max_windows:
     st["cnn"] = calls["s"] * scale
     st["sw_overhead"] = max(st.pop("network") - calls["s"], 0.0)
     st["dino"] = 0.0
-    xw = torch.zeros(1, 1, *roi)
+    xw = torch.zeros(1, 1, *roi, device=device)
     with torch.no_grad():
         f = flops_of(lambda: net(xw))
     peaks = {n: mem.peak(marks[i], marks[i + 1]) for i, n in enumerate(names)}
@@ -278,8 +292,9 @@ def child(spec: dict) -> dict:
     torch.set_grad_enabled(False)
     if spec["runner"] in ("lite", "paper"):
         return run_cdpdnet(spec["image"], spec["runner"], spec["out_label"], spec.get("lite_model"),
-                           spec.get("max_windows"))
-    return run_peer(spec["image"], spec["runner"], spec["out_label"], spec["peer_spacing"], spec.get("max_windows"))
+                           spec.get("max_windows"), spec.get("device", "cpu"))
+    return run_peer(spec["image"], spec["runner"], spec["out_label"], spec["peer_spacing"], spec.get("max_windows"),
+                    spec.get("device", "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +368,7 @@ def main() -> None:
     ap.add_argument("--peer-spacing", type=float, default=1.5, help="spacing of the MONAI peers (mm)")
     ap.add_argument("--paper-windows", type=int, default=4, help="windows timed for 'paper' (0: all)")
     ap.add_argument("--peer-windows", type=int, default=0, help="windows timed for the peers (0: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU path; memory is then the host's)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -378,7 +394,7 @@ def main() -> None:
         desc = _voxels(path)
         for runner in a.runners:
             cap = a.paper_windows if runner == "paper" else (a.peer_windows if runner in ("segresnet", "swinunetr") else 0)
-            spec = {"image": str(path), "runner": runner, "lite_model": lite_model, "peer_spacing": a.peer_spacing,
+            spec = {"image": str(path), "runner": runner, "device": a.device, "lite_model": lite_model, "peer_spacing": a.peer_spacing,
                     "max_windows": cap or None, "out_label": str(out / f"{path.name.split('.')[0]}-{runner}.nii.gz")}
             t = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
