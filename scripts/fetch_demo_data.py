@@ -579,7 +579,9 @@ def write_pacs_copy(src_files: Sequence[Path], dest_dir: Path, series_key: str) 
 
     The TotalSegmentator series is anonymised down to empty SOPClassUID, SOPInstanceUID,
     StudyInstanceUID, SeriesInstanceUID, PatientID and PatientName; a PACS such as Orthanc needs
-    them. Pixel data (JPEG 2000 lossless) is copied untouched.
+    them. The JPEG 2000 lossless pixel data is decompressed (explicit VR little endian, lossless):
+    Debian's Orthanc cannot transcode JPEG 2000, so it could not serve the series over WADO to a
+    client that asks for an uncompressed transfer syntax (as MONAI Label's DICOMweb datastore does).
     """
     import pydicom
     from pydicom.uid import generate_uid
@@ -604,7 +606,9 @@ def write_pacs_copy(src_files: Sequence[Path], dest_dir: Path, series_key: str) 
                 ds.StudyID = "1"
             if not ds.get("AccessionNumber"):
                 ds.AccessionNumber = "CDPDNETDEMO1"
-            ds.save_as(str(tmp_dir / Path(f).name), write_like_original=True)
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                ds.decompress()
+            ds.save_as(str(tmp_dir / Path(f).name), write_like_original=False)
         os.chmod(tmp_dir, 0o777 & ~_umask())
         for f in tmp_dir.iterdir():
             os.chmod(f, 0o666 & ~_umask())
@@ -777,7 +781,7 @@ def build(out: Path, cache: Path, phantoms: int, phantom_heldout: int, phantom_s
                     outputs.ensure(rel, outputs.recipe_of("dicom-copy", sd.sha256, Path(f).name), lambda p, s=Path(f): copy_atomic(s, p))
                 if pacs_copy:
                     names = sorted(Path(f).name for f in dicom_files)
-                    recipe = outputs.recipe_of("dicom-pacs", sd.sha256, names)
+                    recipe = outputs.recipe_of("dicom-pacs-uncompressed", sd.sha256, names)
                     rels = [f"{dicom_rel}_pacs/{n}" for n in names]
                     if not all(outputs.up_to_date(r, recipe) for r in rels):
                         write_pacs_copy([Path(f) for f in dicom_files], out / f"{dicom_rel}_pacs", DICOM_SERIES)
