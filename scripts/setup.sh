@@ -9,6 +9,22 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Debian packages of the hospital-integration parts: Orthanc + DICOMweb (development PACS), dcmtk
+# (storescu, a DICOM client not written here), socat + iproute2 (the PACS's loopback-only bridge).
+debs=(orthanc orthanc-dicomweb dcmtk socat iproute2)
+missing=()
+for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
+    # the package's own system service (all interfaces, /var/lib/orthanc) is not ours: keep it off
+    { service orthanc stop || true; } >/dev/null 2>&1
+  else
+    echo "setup: warning: Debian packages missing (${missing[*]}); the PACS tests need them (run as root once)" >&2
+  fi
+fi
+
 stamp="$VENV/.cdpdnet-setup"
 want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import cdpdnet, monailabel" 2>/dev/null; then

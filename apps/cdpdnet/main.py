@@ -41,6 +41,11 @@ def _setup_paths() -> None:
         for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
             del sys.modules[name]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the app never downloads anything
+    # dcmqi's itkimage2segimage (DICOM-SEG for a DICOMweb datastore) is installed next to this Python;
+    # without it on PATH MONAI Label tries to download dcmqi from GitHub at start-up
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 

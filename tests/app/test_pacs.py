@@ -1,0 +1,192 @@
+"""The development PACS (real Orthanc + DICOMweb plugin, Debian's packages) and the app on a DICOMweb datastore.
+
+The CT series is the real DICOM series of the demo data (``scripts/fetch_demo_data.py``), sent with
+dcmtk's ``storescu`` (a DICOM client not written here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from conftest import APP_DIR, REPO
+from test_app_server import _free_port, _tail, _wait_for
+
+from lib.pacs import OrthancPACS, PACSError
+
+SERIES_DIR = REPO / "data" / "demo" / "dicom" / "totalseg_example_ct_dicom_pacs"
+STORESCU = "/usr/bin/storescu"  # dcmtk's (Debian); pynetdicom puts another storescu into the venv
+
+
+@pytest.fixture(scope="module")
+def demo_series() -> Path:
+    """The demo CT series (20 slices) with its UIDs filled in; fetched like the README's demo does."""
+    if not SERIES_DIR.is_dir():
+        r = subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_demo_data.py"), "--out",
+                            str(REPO / "data" / "demo")], capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, f"fetching the demo data failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    files = sorted(SERIES_DIR.iterdir())
+    assert len(files) == 20
+    return SERIES_DIR
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    p = OrthancPACS(tmp_path_factory.mktemp("pacs"), http_port=_free_port(), dicom_port=_free_port())
+    try:
+        p.start()
+    except PACSError as e:
+        pytest.fail(f"development PACS not available: {e}")
+    yield p
+    p.stop()
+
+
+def _storescu(pacs: OrthancPACS, folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([STORESCU, "-aec", pacs.aet, "+sd", "+r", "127.0.0.1", str(pacs.dicom_port), str(folder)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _listeners(port: int) -> list[str]:
+    return [c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+
+
+def test_pacs_listens_on_loopback_only_with_authentication(pacs):
+    for port in (pacs.http_port, pacs.dicom_port):
+        assert _listeners(port) == ["127.0.0.1"], f"port {port}: {_listeners(port)}"
+    # Orthanc itself listens only inside its namespace: nothing on its own ports in the host's
+    orthanc = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "Orthanc"
+               and str(pacs.folder) in " ".join(p.info["cmdline"] or [])]
+    assert len(orthanc) == 1
+    host_ports = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.pid == orthanc[0].pid}
+    assert not host_ports, f"Orthanc has sockets in the host's network namespace: {host_ports}"
+    assert requests.get(f"{pacs.url}/system", timeout=5).status_code == 401
+    assert requests.get(f"{pacs.url}/system", auth=(pacs.user, "wrong"), timeout=5).status_code == 401
+    assert requests.get(f"{pacs.url}/system", auth=pacs.auth, timeout=5).status_code == 200
+    creds = pacs.folder / "credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert stat.S_IMODE((pacs.folder / "orthanc.json").stat().st_mode) == 0o600
+    assert pacs.password not in (pacs.folder / "orthanc.log").read_text(errors="replace")
+
+
+def test_pacs_stops_cleanly_and_restarts_with_its_data(tmp_path, demo_series):
+    p = OrthancPACS(tmp_path / "pacs", http_port=_free_port(), dicom_port=_free_port()).start()
+    try:
+        assert _storescu(p, demo_series).returncode == 0
+    finally:
+        p.stop()
+    assert not p.is_running() and _listeners(p.http_port) == []
+    assert p.namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    p.start()  # same folder: same password, same stored series
+    try:
+        r = requests.get(f"{p.dicomweb_url}/series", params={"Modality": "CT"}, auth=p.auth, timeout=10)
+        assert r.status_code == 200 and len(r.json()) == 1
+    finally:
+        p.stop()
+
+
+def test_storescu_series_is_served_over_dicomweb(pacs, demo_series):
+    r = _storescu(pacs, demo_series)
+    assert r.returncode == 0, r.stderr
+    from dicomweb_client.api import DICOMwebClient
+
+    s = requests.Session()
+    s.auth = pacs.auth
+    client = DICOMwebClient(pacs.dicomweb_url, session=s)
+    series = client.search_for_series(search_filters={"Modality": "CT"})
+    assert len(series) == 1
+    uid = series[0]["0020000E"]["Value"][0]
+    instances = client.search_for_instances(search_filters={"SeriesInstanceUID": uid})
+    assert len(instances) == 20
+    # WADO-RS in the uncompressed syntax a DICOMweb datastore asks for (Debian's Orthanc cannot transcode JPEG 2000)
+    ds = client.retrieve_instance(instances[0]["0020000D"]["Value"][0], uid, instances[0]["00080018"]["Value"][0])
+    assert ds.pixel_array.shape == (512, 512)
+
+
+@pytest.mark.slow
+def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_series, tiny_checkpoint):
+    """Server with ``--studies <DICOMweb>``: next sample, infer (WADO), save label -> DICOM-SEG in the PACS
+    with the ROIs' names and codes, and the saved image counts as labelled at once (no stale cache)."""
+    import pydicom
+    from monailabel.client import MONAILabelClient
+
+    assert _storescu(pacs, demo_series).returncode == 0
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "pretrained_cdpdnet.pt").write_bytes(Path(tiny_checkpoint).read_bytes())
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+    env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1",
+                "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DICOMWEB_USERNAME": pacs.user,
+                "MONAI_LABEL_DICOMWEB_PASSWORD": pacs.password, "HOME": str(tmp_path),
+                "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "dicom-cache")})
+    env.pop("PYTHONPATH", None)
+    env["PATH"] = "/usr/bin:/bin"  # dcmqi must be found next to the interpreter, not on the user's PATH
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
+           pacs.dicomweb_url, "--conf", "models", "cdpdnet", "--conf", "preset", "tiny", "--conf", "model_dir",
+           str(model_dir), "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: requests.get(f"{url}/info/", timeout=5).ok, 300, "server start", proc, log)
+        client = MONAILabelClient(url)
+        stats = requests.get(f"{url}/datastore/?output=stats", timeout=30).json()
+        assert stats["total"] == 1 and stats["completed"] == 0
+        sample = client.next_sample("random", {})
+        uid = sample["id"]
+        assert sample["SeriesInstanceUID"] == uid
+
+        label_path, params = client.infer("cdpdnet", uid, {})
+        import nibabel as nib
+
+        lab = nib.load(label_path)
+        assert lab.shape == (512, 512, 20)
+        # save a final label with two ROIs (values as in /info) -> DICOM-SEG in the PACS
+        arr = np.zeros(lab.shape, dtype=np.uint8)
+        arr[200:300, 200:300, 5:15] = 6  # liver
+        arr[320:360, 150:190, 8:12] = 27  # liver tumour
+        mine = tmp_path / "label.nii.gz"
+        nib.save(nib.Nifti1Image(arr, lab.affine), str(mine))
+        r = requests.put(f"{url}/datastore/label", params={"image": uid, "tag": "final"},
+                         files={"label": open(mine, "rb")}, data={"params": json.dumps({})}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert set(r.json()["annotated"]) >= {"liver", "liver_tumor"}
+        segs = requests.get(f"{pacs.dicomweb_url}/series", params={"Modality": "SEG"}, auth=pacs.auth, timeout=10).json()
+        assert len(segs) == 1
+        seg_uid, study = segs[0]["0020000E"]["Value"][0], segs[0]["0020000D"]["Value"][0]
+        from dicomweb_client.api import DICOMwebClient
+
+        s = requests.Session()
+        s.auth = pacs.auth
+        ds = DICOMwebClient(pacs.dicomweb_url, session=s).retrieve_series(study, seg_uid)[0]
+        assert isinstance(ds, pydicom.Dataset) and ds.Modality == "SEG"
+        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+        segments = {x.SegmentLabel: x for x in ds.SegmentSequence}
+        assert set(segments) == {"liver", "liver_tumor"}
+        assert segments["liver"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # SCT Liver
+        tumour = segments["liver_tumor"]
+        assert tumour.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+        assert tumour.SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"  # Neoplasm
+        assert tumour.AnatomicRegionSequence[0].CodeValue == "10200004"  # ... of the liver
+        assert (ds.Rows, ds.Columns) == (512, 512)
+        # labelled at once: MONAI Label alone kept it "unlabelled" for 2 hours (its QIDO cache)
+        stats = requests.get(f"{url}/datastore/?output=stats", timeout=30).json()
+        assert stats["completed"] == 1, f"{stats}\n{_tail(log)}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
