@@ -42,8 +42,34 @@ FINAL = "final"
 AFFINE_TOL = 1e-2
 
 
+def is_dicomweb(ds) -> bool:
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    return isinstance(ds, DICOMWebDatastore)
+
+
+def forget_dicomweb_listing(ds, labelled: bool = False) -> None:
+    """Drop MONAI Label's cached QIDO results of a DICOMweb datastore.
+
+    MONAI Label 0.8.5 caches the series list and the "labelled" list for
+    ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` (2 hours) in class-level TTL caches, so a series that
+    arrives in the PACS, or a SEG just saved, stayed invisible to next-sample and ``/info`` until the
+    cache expired or the server restarted. The series list is cheap (one QIDO) and is dropped on
+    every sync; the labelled list costs one metadata request per SEG and is dropped after a save.
+    """
+    if not is_dicomweb(ds):
+        return
+    fns = [type(ds).list_images] + ([type(ds).get_labeled_images] if labelled else [])
+    for fn in fns:
+        cache = getattr(fn, "cache", None)
+        if cache is not None:
+            cache.clear()
+
+
 def sync_datastore(ds) -> None:
-    """Pick up changes another process wrote to a local datastore's json (cheap: an mtime check)."""
+    """Pick up changes another process wrote to a local datastore's json (cheap: an mtime check), and
+    new series in a DICOMweb datastore's PACS."""
+    forget_dicomweb_listing(ds)
     fn = getattr(ds, "_init_from_datastore_file", None)
     if fn is not None:
         try:
@@ -190,7 +216,14 @@ class LabelGuardMixin:
                 annotated, how = annotated_for_save(info, present, prev)
                 info["annotated"] = roi_names(annotated)
                 info["annotated_from"] = how
+                if is_dicomweb(self):  # DICOM-SEG segments named and coded as the ROIs they hold
+                    from .dicom_seg import seg_label_info
+
+                    if not present:
+                        raise unprocessable("label refused: it is empty, and a DICOM-SEG needs at least one segment")
+                    info["label_info"] = seg_label_info(present)
             label_id = super().save_label(image_id, label_filename, label_tag, info, *args, **kw)
+            forget_dicomweb_listing(self, labelled=True)
             self._cdpdnet_last_save = {"image": image_id, "tag": label_tag or FINAL,
                                        **{k: info[k] for k in ("annotated", "annotated_from") if k in info}}
             return label_id
