@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["in_background_task", "background_threads", "server_threads"]
+__all__ = ["in_background_task", "background_threads", "server_threads", "interpreter_bin_on_path"]
 
 
 def in_background_task() -> bool:
@@ -28,3 +28,14 @@ def server_threads() -> int:
     """
     n = os.cpu_count() or 2
     return max(1, n - background_threads())
+
+
+def interpreter_bin_on_path() -> None:
+    """Put the folder of this Python (the venv's ``bin``) on ``PATH``.
+
+    dcmqi's ``itkimage2segimage`` (DICOM-SEG writing) is installed there by the ``dcmqi`` wheel; when
+    the venv is not activated it is not found, and MONAI Label then tries to download dcmqi from GitHub.
+    """
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])

@@ -41,11 +41,6 @@ def _setup_paths() -> None:
         for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
             del sys.modules[name]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the app never downloads anything
-    # dcmqi's itkimage2segimage (DICOM-SEG for a DICOMweb datastore) is installed next to this Python;
-    # without it on PATH MONAI Label tries to download dcmqi from GitHub at start-up
-    bindir = os.path.dirname(sys.executable)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
@@ -74,6 +69,10 @@ def _die_with_server() -> None:
 
 _setup_paths()
 _die_with_server()
+
+from lib.runtime import interpreter_bin_on_path  # noqa: E402
+
+interpreter_bin_on_path()  # dcmqi for DICOM-SEG: no GitHub download at start-up
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.tasks.activelearning.first import First  # noqa: E402
