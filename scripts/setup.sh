@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Debian packages of the hospital-integration parts: Orthanc + DICOMweb (development PACS), dcmtk
 # (storescu, a DICOM client not written here), socat + iproute2 (the PACS's loopback-only bridge).
-debs=(orthanc orthanc-dicomweb dcmtk socat iproute2)
+# chromium: the OHIF browser test (Playwright with the system browser).
+debs=(orthanc orthanc-dicomweb dcmtk socat iproute2 chromium)
 missing=()
 for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
 if [ ${#missing[@]} -gt 0 ]; then

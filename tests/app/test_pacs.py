@@ -112,17 +112,13 @@ def test_storescu_series_is_served_over_dicomweb(pacs, demo_series):
     assert ds.pixel_array.shape == (512, 512)
 
 
-@pytest.mark.slow
-def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_series, tiny_checkpoint):
-    """Server with ``--studies <DICOMweb>``: next sample, infer (WADO), save label -> DICOM-SEG in the PACS
-    with the ROIs' names and codes, and the saved image counts as labelled at once (no stale cache)."""
-    import pydicom
-    from monailabel.client import MONAILabelClient
-
-    assert _storescu(pacs, demo_series).returncode == 0
+def start_dicomweb_server(tmp_path: Path, pacs: OrthancPACS, checkpoint, preset: str = "tiny"):
+    """A real ``monailabel.main start_server`` on ``pacs`` over DICOMweb (own session, free port, PATH
+    without the venv: dcmqi must be found next to the interpreter). Returns ``(proc, url, log)`` once
+    ``/info`` answers."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "pretrained_cdpdnet.pt").write_bytes(Path(tiny_checkpoint).read_bytes())
+    (model_dir / "pretrained_cdpdnet.pt").write_bytes(Path(checkpoint).read_bytes())
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
     env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1",
@@ -130,9 +126,9 @@ def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_ser
                 "MONAI_LABEL_DICOMWEB_PASSWORD": pacs.password, "HOME": str(tmp_path),
                 "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "dicom-cache")})
     env.pop("PYTHONPATH", None)
-    env["PATH"] = "/usr/bin:/bin"  # dcmqi must be found next to the interpreter, not on the user's PATH
+    env["PATH"] = "/usr/bin:/bin"
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
-           pacs.dicomweb_url, "--conf", "models", "cdpdnet", "--conf", "preset", "tiny", "--conf", "model_dir",
+           pacs.dicomweb_url, "--conf", "models", "cdpdnet", "--conf", "preset", preset, "--conf", "model_dir",
            str(model_dir), "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
@@ -141,6 +137,32 @@ def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_ser
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: requests.get(f"{url}/info/", timeout=5).ok, 300, "server start", proc, log)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, url, log
+
+
+def stop_server(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_series, tiny_checkpoint):
+    """Server with ``--studies <DICOMweb>``: next sample, infer (WADO), save label -> DICOM-SEG in the PACS
+    with the ROIs' names and codes, and the saved image counts as labelled at once (no stale cache)."""
+    import pydicom
+    from monailabel.client import MONAILabelClient
+
+    assert _storescu(pacs, demo_series).returncode == 0
+    proc, url, log = start_dicomweb_server(tmp_path, pacs, tiny_checkpoint)
+    try:
         client = MONAILabelClient(url)
         stats = requests.get(f"{url}/datastore/?output=stats", timeout=30).json()
         assert stats["total"] == 1 and stats["completed"] == 0
@@ -185,8 +207,4 @@ def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_ser
         stats = requests.get(f"{url}/datastore/?output=stats", timeout=30).json()
         assert stats["completed"] == 1, f"{stats}\n{_tail(log)}"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)

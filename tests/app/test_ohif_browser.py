@@ -1,0 +1,105 @@
+"""OHIF (the build inside the monailabel wheel) in headless Chromium against the real server and PACS:
+open the demo CT study in MONAI Label mode, run auto-segmentation from the panel, and check that
+segments with the ROI names appear (the viewer's segmentation service and the rendered viewport).
+The screenshots are kept in ``test-artifacts/``."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+from test_pacs import _storescu, demo_series, pacs, start_dicomweb_server, stop_server  # noqa: F401
+
+from cdpdnet.taxonomy import labels_dict
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts"
+
+SEGMENTS_JS = """() => {
+  const sm = window.services;
+  if (!sm || !sm.segmentationService) return null;
+  return sm.segmentationService.getSegmentations().map(s => {
+    const lm = (s.representationData || {}).Labelmap || {};
+    const counts = {};
+    try {
+      const vol = window.cornerstone.cache.getVolume(lm.volumeId);
+      const data = vol.voxelManager ? vol.voxelManager.getCompleteScalarDataArray() : vol.getScalarData();
+      for (let i = 0; i < data.length; i++) { const v = data[i]; if (v) counts[v] = (counts[v] || 0) + 1; }
+    } catch (e) { /* no volume yet */ }
+    const names = {};
+    for (const [k, x] of Object.entries(s.segments || {})) { if (x) names[k] = x.label; }
+    return {counts, names};
+  });
+}"""
+
+
+def _png(page, name: str) -> np.ndarray:
+    from PIL import Image
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    data = page.screenshot(path=str(ARTIFACTS / name))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def _present(segs) -> dict[str, int]:
+    out = {}
+    for s in segs or []:
+        for value, n in s["counts"].items():
+            out[s["names"].get(str(value), f"?{value}")] = n
+    return out
+
+
+@pytest.mark.slow
+def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, tiny_checkpoint):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), "Debian's chromium is missing: scripts/setup.sh installs it (as root)"
+    assert _storescu(pacs, demo_series).returncode == 0
+    proc, url, log = start_dicomweb_server(tmp_path, pacs, tiny_checkpoint)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/ohif/", wait_until="networkidle", timeout=120_000)
+            page.get_by_text("Confirm and Hide").click()
+            page.get_by_text("CDPDNet, Demo").first.click()  # the study list came through the server's DICOMweb proxy
+            page.get_by_role("button", name="MONAI Label").click()
+            page.locator("[data-cy='viewport-pane']").first.wait_for(timeout=120_000)
+            page.wait_for_function("() => window.services && window.services.segmentationService", timeout=60_000)
+            # point the panel at this server (it defaults to port 8000) and connect
+            server = page.locator("input[type=text]").last
+            server.fill(f"{url}/")
+            box = server.bounding_box()
+            page.mouse.click(box["x"] + box["width"] + 30, box["y"] + box["height"] / 2)
+            run = page.locator("button[title='Run Segmentation']")
+            run.wait_for(timeout=60_000)
+            time.sleep(3)
+            before = _png(page, "ohif-before-autoseg.png")
+            run.click()
+            deadline = time.monotonic() + 180
+            present = {}
+            while time.monotonic() < deadline and not present:
+                present = _present(page.evaluate(SEGMENTS_JS))
+                time.sleep(1)
+            time.sleep(3)  # let the overlay render
+            after = _png(page, "ohif-autoseg.png")
+            (ARTIFACTS / "ohif-segments.json").write_text(json.dumps(present, indent=1))
+            browser.close()
+        assert present, f"no segment voxels after Run; page errors: {errors[:3]}\n{log.read_text()[-3000:]}"
+        rois = set(labels_dict())
+        assert set(present) <= rois, f"segments not named as ROIs: {set(present) - rois}"
+        # the viewport shows it: coloured overlay pixels appeared where the image was grey
+        changed = np.abs(after - before).sum(-1) > 60
+        colour = (after.max(-1) - after.min(-1)) > 60
+        assert (changed & colour).sum() > 200, "no coloured overlay appeared in the viewer"
+    finally:
+        stop_server(proc)
