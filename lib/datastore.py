@@ -236,6 +236,81 @@ class LabelGuardMixin:
         sync_datastore(self)
         return super().update_image_info(image_id, info)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """DICOMweb: a final label asked for by *image* id is the local copy of the image's newest SEG
+        (see :meth:`_download_labeled_data`); MONAI Label would take the id for a SEG series."""
+        if is_dicomweb(self) and label_tag == FINAL and not image_id and label_id in self.list_images():
+            from monailabel.datastore.local import LocalDatastore
+
+            uri = LocalDatastore.get_label_uri(self, label_id, FINAL)
+            if not uri or not os.path.exists(uri):
+                self._download_labeled_data()
+                uri = LocalDatastore.get_label_uri(self, label_id, FINAL)
+            return uri
+        if image_id:
+            return super().get_label_uri(label_id, label_tag, image_id)
+        return super().get_label_uri(label_id, label_tag)
+
+    def _download_labeled_data(self):
+        """DICOMweb: the training labels are the PACS's DICOM-SEGs, read back with ROI values.
+
+        Replaces MONAI Label 0.8.5's version, which (1) kept whichever SEG of an image it met first, so
+        an annotator's correction (a newer SEG) was never trained on, and (2) used dcmqi's segment
+        numbers (1..N) as label values, which are not ROI values. Here, per image, the newest SEG
+        (SeriesDate/SeriesTime, then InstanceCreation) is converted by :func:`lib.dicom_seg.seg_to_label_map`
+        and stored as the final label with its segments as the annotated ROIs, unless the cached one
+        already came from that SEG. A SEG that cannot be read is skipped with a warning.
+        """
+        if not is_dicomweb(self):
+            return super()._download_labeled_data()
+        import tempfile
+
+        from monailabel.datastore.local import LocalDatastore
+        from pydicom import Dataset
+
+        from .dicom_seg import seg_to_label_map
+
+        client = self._client
+        images = set(self.list_images())
+        newest: dict[str, tuple[str, str, str]] = {}  # image -> (timestamp, study, seg series)
+        for q in client.search_for_series(search_filters={"Modality": "SEG"}):
+            seg = Dataset.from_json(q)
+            study, series = str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID)
+            try:
+                meta = Dataset.from_json(client.retrieve_series_metadata(study, series)[0])
+                ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
+            except Exception as e:  # noqa: BLE001
+                logger.warning(f"DICOM-SEG {series} ignored: no readable referenced series ({e})")
+                continue
+            if ref not in images:
+                continue
+            stamp = "".join(str(meta.get(k, "")) for k in ("SeriesDate", "SeriesTime", "InstanceCreationDate",
+                                                            "InstanceCreationTime", "ContentDate", "ContentTime"))
+            if ref not in newest or (stamp, series) > (newest[ref][0], newest[ref][2]):
+                newest[ref] = (stamp, study, series)
+        for image_id, (_, study, series) in newest.items():
+            try:
+                if LocalDatastore.get_label_uri(self, image_id, FINAL) and \
+                        LocalDatastore.get_label_info(self, image_id, FINAL).get("SeriesInstanceUID") == series:
+                    continue  # cached from this very SEG
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                image_uri = self.get_image_uri(image_id)
+                seg = client.retrieve_series(study, series)[0]
+                fd, tmp = tempfile.mkstemp(prefix="cdpdnet_seg_", suffix=".nii.gz")
+                os.close(fd)
+                try:
+                    rois = seg_to_label_map(seg, image_uri, tmp)
+                    LocalDatastore.save_label(self, image_id, tmp, FINAL, {
+                        "SeriesInstanceUID": series, "StudyInstanceUID": study, "annotated": roi_names(rois),
+                        "annotated_from": "DICOM-SEG segments"})
+                finally:
+                    os.unlink(tmp)
+                logger.info(f"training label of {image_id}: DICOM-SEG {series} ({len(rois)} ROIs)")
+            except Exception as e:  # noqa: BLE001
+                logger.warning(f"DICOM-SEG {series} of {image_id} could not be used for training: {e}")
+
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         sync_datastore(self)
         return super().update_label_info(label_id, label_tag, info)

@@ -118,3 +118,44 @@ def seg_label_info(values: Iterable[int], model_name: str = "CDPDNet") -> list[d
 
 
 assert set(TYPE_CODES) == {r.name for r in ROIS}, "every ROI needs its DICOM codes"
+
+
+def seg_to_label_map(seg, reference_image: str, out_path: str) -> list[int]:
+    """A DICOM-SEG dataset -> a ``uint8`` label map of ROI values on ``reference_image``'s grid.
+
+    Segment numbers are not ROI values (dcmqi numbers segments 1..N), so each segment is mapped by its
+    ``SegmentLabel`` (canonical name, display name or synonym) to its ROI. Returns the ROI values of
+    all segments, empty or not (a SEG lists what was annotated). Unknown segment names raise
+    ``ValueError`` naming them.
+    """
+    import numpy as np
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    from cdpdnet.imageio import save_label_map
+
+    to_roi, unknown = {}, []
+    for s in seg.SegmentSequence:
+        try:
+            to_roi[int(s.SegmentNumber)] = roi(str(s.SegmentLabel)).index
+        except KeyError:
+            unknown.append(str(s.SegmentLabel))
+    if unknown:
+        raise ValueError(f"DICOM-SEG segments not among the 32 ROIs: {unknown}")
+    result = pydicom_seg.MultiClassReader().read(seg)
+    seg_img = result.image  # segment numbers, on the SEG's own frames
+    lut = np.zeros(max(to_roi, default=0) + 1, dtype=np.uint8)
+    for number, value in to_roi.items():
+        lut[number] = value
+    arr = sitk.GetArrayFromImage(seg_img)
+    mapped = sitk.GetImageFromArray(lut[np.clip(arr, 0, len(lut) - 1)])
+    mapped.CopyInformation(seg_img)
+    ref = sitk.ReadImage(str(reference_image))
+    on_ref = sitk.Resample(mapped, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    # the reference NIfTI (RAS affine, as MONAI writes it) -> numpy [X, Y, Z] with that affine
+    import nibabel as nib
+
+    ref_nii = nib.load(str(reference_image))
+    data = sitk.GetArrayFromImage(on_ref).transpose(2, 1, 0)  # sitk is [z, y, x]
+    save_label_map(data.astype(np.uint8), ref_nii.affine, out_path)
+    return sorted(set(to_roi.values()))

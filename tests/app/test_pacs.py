@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +155,10 @@ def stop_server(proc) -> None:
 
 
 @pytest.mark.slow
-def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_series, tiny_checkpoint):
+def test_app_on_the_pacs_infer_save_seg_next_sample_and_train(tmp_path, pacs, demo_series, tiny_checkpoint):
     """Server with ``--studies <DICOMweb>``: next sample, infer (WADO), save label -> DICOM-SEG in the PACS
-    with the ROIs' names and codes, and the saved image counts as labelled at once (no stale cache)."""
+    with the ROIs' names and codes, the saved image counts as labelled at once (no stale cache), and a
+    training round reads the SEG back from the PACS as a partial label of those ROIs."""
     import pydicom
     from monailabel.client import MONAILabelClient
 
@@ -206,5 +208,62 @@ def test_app_on_the_pacs_infer_save_seg_and_next_sample(tmp_path, pacs, demo_ser
         # labelled at once: MONAI Label alone kept it "unlabelled" for 2 hours (its QIDO cache)
         stats = requests.get(f"{url}/datastore/?output=stats", timeout=30).json()
         assert stats["completed"] == 1, f"{stats}\n{_tail(log)}"
+        # train one short round from the SEG read back from the PACS: ROI values, segments = annotated ROIs
+        v1 = client.info()["cdpdnet"]["model_version"]
+        client.train_start("cdpdnet", {"max_epochs": 1, "iterations_per_epoch": 1, "val_split": 0})
+        status = _wait_for(lambda: (st := client.train_status()) and st.get("status") not in ("SUBMITTED", "RUNNING")
+                           and st, 600, "training", proc, log)
+        assert status["status"] == "DONE", f"{status}\n{_tail(log)}"
+        info = client.info()
+        assert info["cdpdnet"]["model_version"] != v1
+        trained = info["train_stats"]["cdpdnet"]
+        assert trained["samples"]["train"] == 1 and trained["annotated_rois"] == ["liver", "liver_tumor"], trained
     finally:
         stop_server(proc)
+
+
+@pytest.fixture()
+def own_pacs(tmp_path):
+    """A PACS of this test alone (tests that count SEG series must not see other tests' saves)."""
+    p = OrthancPACS(tmp_path / "own-pacs", http_port=_free_port(), dicom_port=_free_port()).start()
+    yield p
+    p.stop()
+
+
+def test_training_labels_are_the_newest_seg_with_roi_values(tmp_path, own_pacs, demo_series):
+    """Two saves (a first label, then a correction): a fresh DICOMweb datastore trains on the newest SEG,
+    voxel for voxel, with ROI values (not dcmqi's segment numbers) and its segments as annotated ROIs."""
+    import nibabel as nib
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.datastore import guard_datastore
+    from lib.runtime import interpreter_bin_on_path
+
+    interpreter_bin_on_path()
+    assert _storescu(own_pacs, demo_series).returncode == 0
+    s = requests.Session()
+    s.auth = own_pacs.auth
+    client = DICOMwebClient(own_pacs.dicomweb_url, session=s)
+    ds = guard_datastore(DICOMWebDatastore(client, {"Modality": "CT"}, cache_path=str(tmp_path / "c1")))
+    uid = ds.list_images()[0]
+    img = nib.load(ds.get_image_uri(uid))
+    first = np.zeros(img.shape, np.uint8)
+    first[200:300, 200:300, 5:15] = 6  # liver
+    second = first.copy()
+    second[320:360, 150:190, 8:12] = 27  # the correction adds a liver tumour
+    second[100:140, 300:340, 2:6] = 2  # and the right kidney
+    for i, arr in enumerate((first, second)):
+        path = tmp_path / f"label{i}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, img.affine), str(path))
+        ds.save_label(uid, str(path), "final", {})
+        time.sleep(1.1)  # SEG series times differ
+    fresh = guard_datastore(DICOMWebDatastore(client, {"Modality": "CT"}, cache_path=str(tmp_path / "c2")))
+    dl = fresh.datalist()
+    assert len(dl) == 1
+    got = np.asarray(nib.load(dl[0]["label"]).dataobj)
+    np.testing.assert_array_equal(got, second)
+    info = LocalDatastore.get_label_info(fresh, uid, "final")
+    assert info["annotated"] == ["kidney_right", "liver", "liver_tumor"]
+    assert fresh.get_label_uri(uid, "final") == dl[0]["label"]  # by image id, as the trainer asks
