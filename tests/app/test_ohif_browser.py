@@ -90,6 +90,8 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
             while time.monotonic() < deadline and not present:
                 present = _present(page.evaluate(SEGMENTS_JS))
                 time.sleep(1)
+            toast = page.get_by_text("Running Segmentation - Successful")  # the panel's own notice (DOM)
+            toast.first.wait_for(timeout=30_000)
             time.sleep(3)  # let the overlay render
             after = _png(page, "ohif-autoseg.png")
             (ARTIFACTS / "ohif-segments.json").write_text(json.dumps(present, indent=1))
