@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -40,6 +41,7 @@ STATUS_REFUSED_NOT_CT = 0xC001  # C000-CFFF: "cannot understand" (DICOM PS3.4 GG
 STATUS_REFUSED_NO_PIXELS = 0xC002
 STATUS_REFUSED_BAD_DATASET = 0xC003
 STATUS_OUT_OF_RESOURCES = 0xA700
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UID syntax (PS3.5 9.1); at most 64 characters, checked below
 
 
 @dataclass
@@ -193,7 +195,8 @@ class StorageSCP:
         if "PixelData" not in ds:
             logger.error(f"DICOM listener: refused {sop} from {caller}: no pixel data")
             return STATUS_REFUSED_NO_PIXELS
-        if not uid or not sop or "/" in uid + sop or uid.startswith(".") or sop.startswith("."):
+        # the UIDs become file names: DICOM UID syntax only (digits and dots), no path tricks
+        if not all(_UID.fullmatch(u) and len(u) <= 64 for u in (uid, sop)):
             logger.error(f"DICOM listener: refused an instance from {caller}: missing or invalid UIDs")
             return STATUS_REFUSED_BAD_DATASET
         folder = self.incoming / uid

@@ -175,3 +175,28 @@ def save_label(client, image: str, path: Path, params: dict | None = None, tag: 
         return client.put(f"/datastore/label?image={image}&tag={tag}",
                           data={"params": json.dumps(params or {})},
                           files={"label": (path.name, f, "application/octet-stream")})
+
+
+# -- hospital integration (PACS, DICOM listener, OHIF): real Orthanc, the real demo DICOM series ---------
+@pytest.fixture(scope="module")
+def demo_series():
+    """The demo CT series (20 slices, UIDs filled in), fetched like the README's demo does if missing."""
+    from pacs_helpers import fetch_demo_series
+
+    return fetch_demo_series()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """A development PACS (Orthanc + DICOMweb, loopback only) for one test module."""
+    from test_app_server import _free_port
+
+    from lib.pacs import OrthancPACS, PACSError
+
+    p = OrthancPACS(tmp_path_factory.mktemp("pacs"), http_port=_free_port(), dicom_port=_free_port())
+    try:
+        p.start()
+    except PACSError as e:
+        pytest.fail(f"development PACS not available: {e}")
+    yield p
+    p.stop()

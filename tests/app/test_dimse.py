@@ -17,7 +17,7 @@ from conftest import REPO
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from test_app_server import _free_port
-from test_pacs import _storescu, demo_series, pacs  # noqa: F401 - fixtures
+from pacs_helpers import _storescu
 
 from lib.dimse import Destination, SCPConfig, StorageSCP
 
@@ -89,7 +89,7 @@ def _echo(port: int) -> bool:
     return ok
 
 
-def test_storescu_series_lands_in_the_datastore(scp, demo_series):  # noqa: F811
+def test_storescu_series_lands_in_the_datastore(scp, demo_series):
     r = _storescu(_FakePACS("CDPDNET", scp.cfg.port), demo_series)
     assert r.returncode == 0, r.stderr
     uid = str(pydicom.dcmread(str(next(demo_series.iterdir())), stop_before_pixels=True).SeriesInstanceUID)
@@ -105,7 +105,7 @@ def test_storescu_series_lands_in_the_datastore(scp, demo_series):  # noqa: F811
     assert uid in LocalDatastore(str(scp.cfg.studies), auto_reload=False).list_images()
 
 
-def test_bad_dicom_is_refused_or_quarantined_and_the_listener_keeps_serving(scp, demo_series, tmp_path, caplog):  # noqa: F811
+def test_bad_dicom_is_refused_or_quarantined_and_the_listener_keeps_serving(scp, demo_series, tmp_path, caplog):
     caplog.set_level(logging.ERROR, logger="lib.dimse.storage_scp")
     port = scp.cfg.port
 
@@ -145,7 +145,7 @@ def test_bad_dicom_is_refused_or_quarantined_and_the_listener_keeps_serving(scp,
         assert needle in logs, needle
 
 
-def test_new_series_is_segmented_and_sent_to_the_pacs_as_dicom_seg(tmp_path, pacs, demo_series, tiny_checkpoint):  # noqa: F811
+def test_new_series_is_segmented_and_sent_to_the_pacs_as_dicom_seg(tmp_path, pacs, demo_series, tiny_checkpoint):
     from cdpdnet.inference import Segmenter
 
     seg = Segmenter(tiny_checkpoint, threshold=0.2)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO
-from test_pacs import _storescu, demo_series, pacs, start_dicomweb_server, stop_server  # noqa: F401
+from pacs_helpers import _storescu, start_dicomweb_server, stop_server
 
 from cdpdnet.taxonomy import labels_dict
 
@@ -57,7 +57,7 @@ def _present(segs) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, tiny_checkpoint):  # noqa: F811
+def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, tiny_checkpoint):
     from playwright.sync_api import sync_playwright
 
     assert shutil.which(CHROMIUM), "Debian's chromium is missing: scripts/setup.sh installs it (as root)"

@@ -7,53 +7,19 @@ dcmtk's ``storescu`` (a DICOM client not written here).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import stat
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import APP_DIR, REPO
+from pacs_helpers import _storescu, start_dicomweb_server, stop_server
 from test_app_server import _free_port, _tail, _wait_for
 
-from lib.pacs import OrthancPACS, PACSError
+from lib.pacs import OrthancPACS
 
-SERIES_DIR = REPO / "data" / "demo" / "dicom" / "totalseg_example_ct_dicom_pacs"
-STORESCU = "/usr/bin/storescu"  # dcmtk's (Debian); pynetdicom puts another storescu into the venv
-
-
-@pytest.fixture(scope="module")
-def demo_series() -> Path:
-    """The demo CT series (20 slices) with its UIDs filled in; fetched like the README's demo does."""
-    if not SERIES_DIR.is_dir():
-        r = subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_demo_data.py"), "--out",
-                            str(REPO / "data" / "demo")], capture_output=True, text=True, timeout=1800)
-        assert r.returncode == 0, f"fetching the demo data failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    files = sorted(SERIES_DIR.iterdir())
-    assert len(files) == 20
-    return SERIES_DIR
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    p = OrthancPACS(tmp_path_factory.mktemp("pacs"), http_port=_free_port(), dicom_port=_free_port())
-    try:
-        p.start()
-    except PACSError as e:
-        pytest.fail(f"development PACS not available: {e}")
-    yield p
-    p.stop()
-
-
-def _storescu(pacs: OrthancPACS, folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([STORESCU, "-aec", pacs.aet, "+sd", "+r", "127.0.0.1", str(pacs.dicom_port), str(folder)],
-                          capture_output=True, text=True, timeout=120)
 
 
 def _listeners(port: int) -> list[str]:
@@ -111,47 +77,6 @@ def test_storescu_series_is_served_over_dicomweb(pacs, demo_series):
     # WADO-RS in the uncompressed syntax a DICOMweb datastore asks for (Debian's Orthanc cannot transcode JPEG 2000)
     ds = client.retrieve_instance(instances[0]["0020000D"]["Value"][0], uid, instances[0]["00080018"]["Value"][0])
     assert ds.pixel_array.shape == (512, 512)
-
-
-def start_dicomweb_server(tmp_path: Path, pacs: OrthancPACS, checkpoint, preset: str = "tiny"):
-    """A real ``monailabel.main start_server`` on ``pacs`` over DICOMweb (own session, free port, PATH
-    without the venv: dcmqi must be found next to the interpreter). Returns ``(proc, url, log)`` once
-    ``/info`` answers."""
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "pretrained_cdpdnet.pt").write_bytes(Path(checkpoint).read_bytes())
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
-    env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1",
-                "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DICOMWEB_USERNAME": pacs.user,
-                "MONAI_LABEL_DICOMWEB_PASSWORD": pacs.password, "HOME": str(tmp_path),
-                "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "dicom-cache")})
-    env.pop("PYTHONPATH", None)
-    env["PATH"] = "/usr/bin:/bin"
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
-           pacs.dicomweb_url, "--conf", "models", "cdpdnet", "--conf", "preset", preset, "--conf", "model_dir",
-           str(model_dir), "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for(lambda: requests.get(f"{url}/info/", timeout=5).ok, 300, "server start", proc, log)
-    except BaseException:
-        stop_server(proc)
-        raise
-    return proc, url, log
-
-
-def stop_server(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
