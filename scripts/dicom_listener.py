@@ -5,8 +5,8 @@
         [--allow SCANNER1 --allow PACS] [--model apps/cdpdnet/model/pretrained_cdpdnet.pt \\
          --send-to PACS@127.0.0.1:4242]
 
-With --model, every completed series is auto-segmented (all 32 ROIs) and, with --send-to, the result
-goes to that AE as DICOM-SEG. Incomplete or inconsistent series are quarantined under --spool.
+With --model and --send-to, every completed series is auto-segmented (all 32 ROIs) and the result goes
+to that AE as DICOM-SEG. Incomplete or inconsistent series are quarantined under --spool.
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ def main() -> int:
     ap.add_argument("--send-to", type=destination, help="AET@host:port that gets the DICOM-SEG (needs --model)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if a.model and not a.send_to:
+        ap.error("--model needs --send-to (the DICOM-SEG is sent there; nothing else keeps it)")
+    if a.send_to and not a.model:
+        ap.error("--send-to needs --model")
     segment = None
     if a.model:
         from cdpdnet.inference import Segmenter
 
         seg = Segmenter(a.model)
         segment = lambda image, out: seg.segment(str(image), output=str(out))  # noqa: E731
-    elif a.send_to:
-        ap.error("--send-to needs --model")
     studies = Path(a.studies)
     cfg = SCPConfig(studies=studies, spool=Path(a.spool) if a.spool else studies.parent / "dicom-spool",
                     ae_title=a.aet, host=a.host, port=a.port, allowed_callers=tuple(a.allow),

@@ -252,7 +252,7 @@ class StorageSCP:
         os.replace(self.incoming / uid, keep)
         self.completed.append(uid)
         logger.info(f"DICOM listener: series {uid} ({len(files)} slices from {s.caller}) -> {out}")
-        if self.cfg.segment_with is not None:  # the series is in the datastore whatever happens here
+        if self.cfg.segment_with is not None and self.cfg.send_to is not None:  # in the datastore whatever happens
             try:
                 self._segment_and_send(uid, out, keep)
             except Exception as e:  # noqa: BLE001
