@@ -42,34 +42,12 @@ FINAL = "final"
 AFFINE_TOL = 1e-2
 
 
-def is_dicomweb(ds) -> bool:
-    from monailabel.datastore.dicom import DICOMWebDatastore
-
-    return isinstance(ds, DICOMWebDatastore)
-
-
-def forget_dicomweb_listing(ds, labelled: bool = False) -> None:
-    """Drop MONAI Label's cached QIDO results of a DICOMweb datastore.
-
-    MONAI Label 0.8.5 caches the series list and the "labelled" list for
-    ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` (2 hours) in class-level TTL caches, so a series that
-    arrives in the PACS, or a SEG just saved, stayed invisible to next-sample and ``/info`` until the
-    cache expired or the server restarted. The series list is cheap (one QIDO) and is dropped on
-    every sync; the labelled list costs one metadata request per SEG and is dropped after a save.
-    """
-    if not is_dicomweb(ds):
-        return
-    fns = [type(ds).list_images] + ([type(ds).get_labeled_images] if labelled else [])
-    for fn in fns:
-        cache = getattr(fn, "cache", None)
-        if cache is not None:
-            cache.clear()
-
-
 def sync_datastore(ds) -> None:
     """Pick up changes another process wrote to a local datastore's json (cheap: an mtime check), and
-    new series in a DICOMweb datastore's PACS."""
-    forget_dicomweb_listing(ds)
+    new series in a remote datastore (see :meth:`LabelGuardMixin.forget_remote_listing`)."""
+    forget = getattr(ds, "forget_remote_listing", None)
+    if forget is not None:
+        forget()
     fn = getattr(ds, "_init_from_datastore_file", None)
     if fn is not None:
         try:
@@ -216,14 +194,9 @@ class LabelGuardMixin:
                 annotated, how = annotated_for_save(info, present, prev)
                 info["annotated"] = roi_names(annotated)
                 info["annotated_from"] = how
-                if is_dicomweb(self):  # DICOM-SEG segments named and coded as the ROIs they hold
-                    from .dicom_seg import seg_label_info
-
-                    if not present:
-                        raise unprocessable("label refused: it is empty, and a DICOM-SEG needs at least one segment")
-                    info["label_info"] = seg_label_info(present)
+                self.describe_final_label(info, present)
             label_id = super().save_label(image_id, label_filename, label_tag, info, *args, **kw)
-            forget_dicomweb_listing(self, labelled=True)
+            self.forget_remote_listing(labelled=True)
             self._cdpdnet_last_save = {"image": image_id, "tag": label_tag or FINAL,
                                        **{k: info[k] for k in ("annotated", "annotated_from") if k in info}}
             return label_id
@@ -236,80 +209,15 @@ class LabelGuardMixin:
         sync_datastore(self)
         return super().update_image_info(image_id, info)
 
-    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        """DICOMweb: a final label asked for by *image* id is the local copy of the image's newest SEG
-        (see :meth:`_download_labeled_data`); MONAI Label would take the id for a SEG series."""
-        if is_dicomweb(self) and label_tag == FINAL and not image_id and label_id in self.list_images():
-            from monailabel.datastore.local import LocalDatastore
+    # -- hooks that a remote datastore's guard overrides (lib.dicomweb_datastore) ---------------
+    def describe_final_label(self, info: dict[str, Any], present: list[int]) -> None:
+        """Add what the datastore needs to store a final label with ROI values ``present`` (nothing here)."""
 
-            uri = LocalDatastore.get_label_uri(self, label_id, FINAL)
-            if not uri or not os.path.exists(uri):
-                self._download_labeled_data()
-                uri = LocalDatastore.get_label_uri(self, label_id, FINAL)
-            return uri
-        if image_id:
-            return super().get_label_uri(label_id, label_tag, image_id)
-        return super().get_label_uri(label_id, label_tag)
+    def forget_remote_listing(self, labelled: bool = False) -> None:
+        """Drop cached listings of a remote datastore (nothing to drop for a local one)."""
 
-    def _download_labeled_data(self):
-        """DICOMweb: the training labels are the PACS's DICOM-SEGs, read back with ROI values.
-
-        Replaces MONAI Label 0.8.5's version, which (1) kept whichever SEG of an image it met first, so
-        an annotator's correction (a newer SEG) was never trained on, and (2) used dcmqi's segment
-        numbers (1..N) as label values, which are not ROI values. Here, per image, the newest SEG
-        (SeriesDate/SeriesTime, then InstanceCreation) is converted by :func:`lib.dicom_seg.seg_to_label_map`
-        and stored as the final label with its segments as the annotated ROIs, unless the cached one
-        already came from that SEG. A SEG that cannot be read is skipped with a warning.
-        """
-        if not is_dicomweb(self):
-            return super()._download_labeled_data()
-        import tempfile
-
-        from monailabel.datastore.local import LocalDatastore
-        from pydicom import Dataset
-
-        from .dicom_seg import seg_to_label_map
-
-        client = self._client
-        images = set(self.list_images())
-        newest: dict[str, tuple[str, str, str]] = {}  # image -> (timestamp, study, seg series)
-        for q in client.search_for_series(search_filters={"Modality": "SEG"}):
-            seg = Dataset.from_json(q)
-            study, series = str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID)
-            try:
-                meta = Dataset.from_json(client.retrieve_series_metadata(study, series)[0])
-                ref = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            except Exception as e:  # noqa: BLE001
-                logger.warning(f"DICOM-SEG {series} ignored: no readable referenced series ({e})")
-                continue
-            if ref not in images:
-                continue
-            stamp = "".join(str(meta.get(k, "")) for k in ("SeriesDate", "SeriesTime", "InstanceCreationDate",
-                                                            "InstanceCreationTime", "ContentDate", "ContentTime"))
-            if ref not in newest or (stamp, series) > (newest[ref][0], newest[ref][2]):
-                newest[ref] = (stamp, study, series)
-        for image_id, (_, study, series) in newest.items():
-            try:
-                if LocalDatastore.get_label_uri(self, image_id, FINAL) and \
-                        LocalDatastore.get_label_info(self, image_id, FINAL).get("SeriesInstanceUID") == series:
-                    continue  # cached from this very SEG
-            except Exception:  # noqa: BLE001
-                pass
-            try:
-                image_uri = self.get_image_uri(image_id)
-                seg = client.retrieve_series(study, series)[0]
-                fd, tmp = tempfile.mkstemp(prefix="cdpdnet_seg_", suffix=".nii.gz")
-                os.close(fd)
-                try:
-                    rois = seg_to_label_map(seg, image_uri, tmp)
-                    LocalDatastore.save_label(self, image_id, tmp, FINAL, {
-                        "SeriesInstanceUID": series, "StudyInstanceUID": study, "annotated": roi_names(rois),
-                        "annotated_from": "DICOM-SEG segments"})
-                finally:
-                    os.unlink(tmp)
-                logger.info(f"training label of {image_id}: DICOM-SEG {series} ({len(rois)} ROIs)")
-            except Exception as e:  # noqa: BLE001
-                logger.warning(f"DICOM-SEG {series} of {image_id} could not be used for training: {e}")
+    def refresh_training_labels(self) -> None:
+        """Bring the final labels up to date before training (local labels always are)."""
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         sync_datastore(self)
@@ -317,9 +225,15 @@ class LabelGuardMixin:
 
 
 def guard_datastore(ds):
-    """Return ``ds`` with :class:`LabelGuardMixin` in front of its class (idempotent)."""
+    """Return ``ds`` with :class:`LabelGuardMixin` (for a DICOMweb datastore its subclass
+    :class:`lib.dicomweb_datastore.DICOMwebGuardMixin`) in front of its class (idempotent)."""
     cls = type(ds)
     if issubclass(cls, LabelGuardMixin):
         return ds
-    ds.__class__ = type(f"Guarded{cls.__name__}", (LabelGuardMixin, cls), {})
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    mixin = LabelGuardMixin
+    if isinstance(ds, DICOMWebDatastore):
+        from .dicomweb_datastore import DICOMwebGuardMixin as mixin
+    ds.__class__ = type(f"Guarded{cls.__name__}", (mixin, cls), {})
     return ds

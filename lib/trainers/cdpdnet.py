@@ -46,7 +46,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from cdpdnet.checkpoint import atomic_write_bytes
 
-from ..datastore import is_dicomweb, sync_datastore
+from ..datastore import sync_datastore
 from ..errors import bad_request, conflict
 from ..model_store import ModelStore, resolve_device
 from ..rois import final_label_annotation, roi_names
@@ -72,8 +72,9 @@ def collect_samples(datastore) -> tuple[list, list[str]]:
     from cdpdnet.data import PartialSample
 
     sync_datastore(datastore)
-    if is_dicomweb(datastore):  # labels are the PACS's newest DICOM-SEG of each image, as ROI values
-        datastore._download_labeled_data()
+    refresh = getattr(datastore, "refresh_training_labels", None)
+    if refresh is not None:  # a DICOMweb datastore: the PACS's newest DICOM-SEG of each image, as ROI values
+        refresh()
     samples, notes = [], []
     for image_id in sorted(datastore.get_labeled_images()):
         ann = final_label_annotation(datastore, image_id)
