@@ -10,4 +10,4 @@ $PY scripts/fetch_demo_data.py --out data/demo
 $PY scripts/make_demo_studies.py --datalist data/demo/datalist.json --studies data/demo/studies
 $PY scripts/make_demo_model.py --datalist data/demo/datalist.json --install apps/cdpdnet/model/pretrained_cdpdnet.pt
 exec $PY -m monailabel.main start_server --app apps/cdpdnet --studies data/demo/studies \
-  --conf models cdpdnet --host 127.0.0.1 --port "${PORT:-8000}" "$@"
+  --conf models cdpdnet --conf auth false --host 127.0.0.1 --port "${PORT:-8000}" "$@"

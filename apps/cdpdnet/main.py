@@ -82,7 +82,10 @@ import cdpdnet  # noqa: E402,F401
 from lib.configs.cdpdnet import CDPDNet  # noqa: E402
 from lib.datastore import FINAL, guard_datastore, sync_datastore  # noqa: E402
 from lib.errors import bad_request, not_found  # noqa: E402
+from lib.pacs import use_dicomweb_credentials  # noqa: E402
 from lib.rois import final_label_annotation  # noqa: E402
+from lib.server import ServerOptions  # noqa: E402
+from lib.server import install as install_server_guards  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ class CDPDNetApp(MONAILabelApp):
         if unknown:
             logger.warning(f"--conf models {conf.get('models')}: this app has only '{MODEL}'; ignoring {unknown}")
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.path.join(app_dir, "model"))
+        if conf.get("dicomweb_credentials"):  # before the datastore is made: it reads them from settings
+            use_dicomweb_credentials(conf["dicomweb_credentials"])
         self.task_config = CDPDNet()
         self.task_config.init(MODEL, self.model_dir, conf, None)
         super().__init__(
@@ -124,6 +129,15 @@ class CDPDNetApp(MONAILabelApp):
 
     def init_scoring_methods(self):
         return dict(self.task_config.scoring_method())
+
+    def on_init_complete(self):
+        """In the server (not in a training subprocess): authentication, roles and limits in front of the
+        routes (``lib/server``)."""
+        super().on_init_complete()
+        import monailabel.app
+
+        done = install_server_guards(monailabel.app.app, ServerOptions(self.conf, self.app_dir))
+        logger.info(f"Server guards: {done}")
 
     # -- requests ---------------------------------------------------------------------------
     def infer(self, request, datastore=None):

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..private_files import write_private_json
+
 __all__ = ["OrthancPACS", "PACSError"]
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -74,12 +76,7 @@ class OrthancPACS:
     def _credentials(self) -> dict:
         path = self.folder / "credentials.json"
         if not path.is_file():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"user": self.user, "password": secrets.token_urlsafe(18)}, f)
-            os.replace(tmp, path)
+            write_private_json(path, {"user": self.user, "password": secrets.token_urlsafe(18)})
         return json.loads(path.read_text())
 
     def _config(self) -> dict:
@@ -128,9 +125,7 @@ class OrthancPACS:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "db").mkdir(exist_ok=True)
         cfg = self.folder / "orthanc.json"
-        fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the password
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._config(), f, indent=1)
+        write_private_json(cfg, self._config())  # holds the password
         ns = self.namespace
         _run(["ip", "netns", "add", ns])
         _run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])

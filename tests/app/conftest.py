@@ -116,6 +116,7 @@ def client(app_paths, tmp_path_factory):
         "model_dir": str(app_paths["model_dir"]),
         "device": "cpu",
         "server_mode": "true",
+        "auth": "false",  # the in-process server tests the app; authentication has its own tests (test_auth.py)
         "auto_update_scoring": "false",
     }
     settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False

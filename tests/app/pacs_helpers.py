@@ -34,31 +34,35 @@ def _storescu(pacs: OrthancPACS, folder: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def start_dicomweb_server(tmp_path: Path, pacs: OrthancPACS, checkpoint, preset: str = "tiny"):
+def start_dicomweb_server(tmp_path: Path, pacs: OrthancPACS, checkpoint, preset: str = "tiny", auth: bool = False):
     """A real ``monailabel.main start_server`` on ``pacs`` over DICOMweb (own session, free port, PATH
-    without the venv: dcmqi must be found next to the interpreter). Returns ``(proc, url, log)`` once
-    ``/info`` answers."""
+    without the venv: dcmqi must be found next to the interpreter). The PACS password reaches the app
+    through ``--conf dicomweb_credentials`` (the PACS folder's credentials file), never the environment.
+    Authentication is off unless ``auth`` (then the auth folder is ``tmp_path/auth``). Returns
+    ``(proc, url, log)`` once the server answers."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "pretrained_cdpdnet.pt").write_bytes(Path(checkpoint).read_bytes())
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
     env.update({"HF_HUB_OFFLINE": "1", "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONUNBUFFERED": "1",
-                "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DICOMWEB_USERNAME": pacs.user,
-                "MONAI_LABEL_DICOMWEB_PASSWORD": pacs.password, "HOME": str(tmp_path),
+                "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "HOME": str(tmp_path),
                 "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "dicom-cache")})
     env.pop("PYTHONPATH", None)
     env["PATH"] = "/usr/bin:/bin"
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
            pacs.dicomweb_url, "--conf", "models", "cdpdnet", "--conf", "preset", preset, "--conf", "model_dir",
-           str(model_dir), "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+           str(model_dir), "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           "--conf", "dicomweb_credentials", str(pacs.folder / "credentials.json"),
+           "--conf", "auth", "true" if auth else "false", "--conf", "auth_dir", str(tmp_path / "auth")]
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: requests.get(f"{url}/info/", timeout=5).ok, 300, "server start", proc, log)
+        _wait_for(lambda: requests.get(f"{url}/auth/" if auth else f"{url}/info/", timeout=5).ok, 300,
+                  "server start", proc, log)
     except BaseException:
         stop_server(proc)
         raise

@@ -45,9 +45,10 @@ def _tail(log, n=60) -> str:
         return ""
 
 
-def _start_server(tmp_path, phantoms, tiny_checkpoint):
+def _start_server(tmp_path, phantoms, tiny_checkpoint, auth: bool = False, conf: dict | None = None):
     """A real ``monailabel.main start_server`` process (own session) on a free loopback port, tiny model,
-    auto-scoring off, PYTHONPATH removed (the app must find lib/ and cdpdnet on its own)."""
+    auto-scoring off, PYTHONPATH removed (the app must find lib/ and cdpdnet on its own). Authentication
+    is off unless ``auth`` (then it is left at the app's default, on); ``conf``: more ``--conf`` pairs."""
     studies = make_studies(tmp_path / "studies", phantoms)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -60,6 +61,10 @@ def _start_server(tmp_path, phantoms, tiny_checkpoint):
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--conf", "models", "cdpdnet", "--conf", "preset", "tiny", "--conf", "model_dir", str(model_dir),
            "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    if not auth:
+        cmd += ["--conf", "auth", "false"]
+    for k, v in (conf or {}).items():
+        cmd += ["--conf", k, str(v)]
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
