@@ -53,7 +53,7 @@ RULES: tuple[Rule, ...] = (
     _r({"POST"}, r"/infer/[^/]+/?", ANNOTATOR),
     _r({"POST"}, r"/activelearning/[^/]+/?", ANNOTATOR),
     _r(_READ, r"/(train|scoring|batch/infer|model)/?", ANNOTATOR),  # status and model list
-    _r(_READ, r"/model/[^/]+/?", ANNOTATOR),
+    _r(_READ, r"/model/[^/]+/?|/model/info/[^/]+/?", ANNOTATOR),
     _r(_ANY, r"/session/?|/session/.+", ANNOTATOR),  # Slicer's upload-once-infer-many sessions
     _r(_READ, r"/ohif/?|/ohif/.+", ANNOTATOR),
     _r(_READ, r"/proxy/.+", ANNOTATOR),  # OHIF's DICOMweb reads through the server

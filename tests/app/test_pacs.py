@@ -10,11 +10,13 @@ import json
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import requests
+from conftest import APP_DIR
 from pacs_helpers import _storescu, start_dicomweb_server, stop_server
 from test_app_server import _free_port, _tail, _wait_for
 
@@ -143,6 +145,12 @@ def test_app_on_the_pacs_infer_save_seg_next_sample_and_train(tmp_path, pacs, de
         assert info["cdpdnet"]["model_version"] != v1
         trained = info["train_stats"]["cdpdnet"]
         assert trained["samples"]["train"] == 1 and trained["annotated_rois"] == ["liver", "liver_tumor"], trained
+        # the PACS password came from the credentials file (--conf dicomweb_credentials): in no log, and not
+        # in the environment of the server or of its training subprocess
+        assert pacs.password not in log.read_text(errors="replace")
+        for f in (APP_DIR / "logs").glob("*.log*"):
+            assert pacs.password not in f.read_text(errors="replace"), f
+        assert pacs.password not in (Path("/proc") / str(proc.pid) / "environ").read_bytes().decode(errors="replace")
     finally:
         stop_server(proc)
 

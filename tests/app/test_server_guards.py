@@ -50,7 +50,7 @@ EXPECTED = {
     ("POST", "/infer/cdpdnet"): ANNOTATOR, ("PUT", "/datastore/label"): ANNOTATOR, ("GET", "/info/"): ANNOTATOR,
     ("POST", "/activelearning/random"): ANNOTATOR, ("GET", "/datastore/image"): ANNOTATOR,
     ("GET", "/datastore/"): ANNOTATOR, ("GET", "/train/"): ANNOTATOR, ("GET", "/ohif/x/y"): ANNOTATOR,
-    ("GET", "/proxy/dicom/wado/x/y"): ANNOTATOR, ("PUT", "/datastore/image/info"): ANNOTATOR,
+    ("GET", "/proxy/dicom/wado/x/y"): ANNOTATOR, ("GET", "/model/info/cdpdnet"): ANNOTATOR, ("PUT", "/datastore/image/info"): ANNOTATOR,
     ("POST", "/auth/token"): PUBLIC, ("GET", "/auth/"): PUBLIC, ("GET", "/openapi.json"): PUBLIC,
     ("OPTIONS", "/train/cdpdnet"): PUBLIC,
 }
