@@ -5,8 +5,8 @@
     scripts/pacs.py status | stop [--dir runs/pacs]
 
 The password is in <dir>/credentials.json (mode 0600); it is never printed. To serve the PACS with
-the app, export MONAI_LABEL_DICOMWEB_USERNAME/PASSWORD from that file and pass
-``--studies http://127.0.0.1:8042/dicom-web``.
+the app, pass ``--studies http://127.0.0.1:8042/dicom-web --conf dicomweb_credentials
+<dir>/credentials.json`` (docs/pacs.md).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class MissingCredentials(AuthError):
     """No ``Authorization`` header (a browser's first request, say): not a failed login."""
 
 REALM = "CDPDNet MONAI Label"
-_CHALLENGE = {"www-authenticate": f'Basic realm="{REALM}", Bearer'}
+_CHALLENGE = {"www-authenticate": f'Basic realm="{REALM}"'}  # browsers then ask for a login
 _BASIC_CACHE_S = 300  # a checked Basic header is trusted this long (scrypt costs ~50 ms a check)
 _MAX_FAILURES, _FAILURE_WINDOW_S = 8, 300
 

@@ -4,7 +4,7 @@ MONAI Label builds its FastAPI app at import time and loads this project's app i
 start-up (lifespan), when the middleware stack already exists; :func:`install` therefore wraps the
 built stack (idempotent: a second call rebuilds from the original)::
 
-    AuthMiddleware -> UploadLimit -> InferAdmission -> OffloadBlocking -> MONAI Label's stack
+    AuthMiddleware -> UploadLimit -> ProxyGuard -> InferAdmission -> OffloadBlocking -> MONAI Label's stack
 
 (``OffloadBlocking`` runs MONAI Label's blocking endpoints in worker threads, see :mod:`.offload`.)
 """
@@ -22,8 +22,13 @@ __all__ = ["ServerOptions", "install"]
 class ServerOptions:
     """The ``--conf`` keys of the server guards (see docs/security.md)."""
 
-    def __init__(self, conf: dict, app_dir: str):
+    def __init__(self, conf: dict, app_dir: str, studies: str | None = None):
         conf = conf or {}
+        if studies is None:  # the server's --studies
+            from monailabel.config import settings
+
+            studies = settings.MONAI_LABEL_STUDIES or ""
+        self.dicomweb = str(studies).startswith(("http://", "https://"))
         self.auth = str(conf.get("auth", "true")).strip().lower() not in ("false", "0", "no", "off")
         self.auth_dir = os.path.abspath(conf.get("auth_dir") or os.path.join(app_dir, "auth"))
         self.token_hours = float(conf.get("auth_token_hours", 12))
@@ -36,6 +41,7 @@ def install(fastapi_app, options: ServerOptions) -> dict:
     from .auth import AuthMiddleware
     from .limits import InferAdmission, UploadLimit
     from .offload import OffloadBlocking
+    from .proxy_guard import ProxyGuard
     from .users import TokenIssuer, UserStore
 
     base = getattr(fastapi_app.state, "cdpdnet_base_stack", None)
@@ -45,7 +51,7 @@ def install(fastapi_app, options: ServerOptions) -> dict:
             base = fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
         fastapi_app.state.cdpdnet_base_stack = base
     admission = InferAdmission(OffloadBlocking(base), options.max_queued_infers)
-    stack = UploadLimit(admission, int(options.max_upload_mb * 2 ** 20))
+    stack = UploadLimit(ProxyGuard(admission, options.dicomweb), int(options.max_upload_mb * 2 ** 20))
     done = {"max_upload_mb": options.max_upload_mb,
             "max_queued_infers": options.max_queued_infers, "auth": options.auth}
     if options.auth:

@@ -62,11 +62,17 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
 
     assert shutil.which(CHROMIUM), "Debian's chromium is missing: scripts/setup.sh installs it (as root)"
     assert _storescu(pacs, demo_series).returncode == 0
-    proc, url, log = start_dicomweb_server(tmp_path, pacs, tiny_checkpoint)
+    proc, url, log = start_dicomweb_server(tmp_path, pacs, tiny_checkpoint, auth=True)
+    from lib.server.users import UserStore
+
+    password = UserStore(tmp_path / "auth").set_user("olivia", "annotator")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            # authentication on: the browser answers the server's Basic challenge, as a user typing the
+            # annotator's name and password into its login dialog would
+            page = browser.new_page(viewport={"width": 1600, "height": 1000},
+                                    http_credentials={"username": "olivia", "password": password})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"{url}/ohif/", wait_until="networkidle", timeout=120_000)
@@ -84,14 +90,18 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
             run.wait_for(timeout=60_000)
             time.sleep(3)
             before = _png(page, "ohif-before-autoseg.png")
+            # the panel's notice shows for a few seconds only: note it whenever it appears
+            page.evaluate("""() => { window.__cdpdnetNotice = false;
+                new MutationObserver(() => { if (document.body.innerText.includes(
+                    'Running Segmentation - Successful')) window.__cdpdnetNotice = true; })
+                .observe(document.body, {childList: true, subtree: true, characterData: true}); }""")
             run.click()
             deadline = time.monotonic() + 180
             present = {}
             while time.monotonic() < deadline and not present:
                 present = _present(page.evaluate(SEGMENTS_JS))
                 time.sleep(1)
-            toast = page.get_by_text("Running Segmentation - Successful")  # the panel's own notice (DOM)
-            toast.first.wait_for(timeout=30_000)
+            page.wait_for_function("() => window.__cdpdnetNotice", timeout=30_000)  # the panel's own notice (DOM)
             time.sleep(3)  # let the overlay render
             after = _png(page, "ohif-autoseg.png")
             (ARTIFACTS / "ohif-segments.json").write_text(json.dumps(present, indent=1))
@@ -103,5 +113,7 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
         changed = np.abs(after - before).sum(-1) > 60
         colour = (after.max(-1) - after.min(-1)) > 60
         assert (changed & colour).sum() > 200, "no coloured overlay appeared in the viewer"
+        # every call OHIF made was authenticated as the annotator (inference included)
+        assert "audit: olivia (annotator) POST /infer/cdpdnet" in log.read_text(errors="replace")
     finally:
         stop_server(proc)

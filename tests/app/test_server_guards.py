@@ -319,3 +319,37 @@ def test_busy_server_answers_503_with_retry_after_and_serves_the_admitted(guarde
     assert "busy" in extra.json()["detail"]
     assert info.status_code == 200 and info_s < 1.0, info_s
     assert after.status_code == 200 and g["admission"].in_flight == 0
+
+
+def test_proxy_guard_on_the_real_app(client):
+    """A local studies folder has no DICOMweb to proxy (MONAI Label answered 500); static routes serve no
+    file outside their package folders."""
+    r = client.get("/proxy/dicom/qido/studies")
+    assert r.status_code == 404 and "DICOMweb datastore" in r.json()["detail"]
+    for path in ("/ohif/../../../../etc/passwd", "/ohif/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                 "/static/../../../../etc/passwd", "/ohif/..%2f..%2f..%2f..%2fetc%2fpasswd"):
+        r = client.get(path)
+        assert "root:" not in r.text, path
+
+
+def test_proxy_guard_refuses_dot_segments():
+    from lib.server.proxy_guard import ProxyGuard
+
+    app = FastAPI()
+
+    @app.get("/proxy/dicom/{op}/{path:path}")
+    async def proxy(op: str, path: str):
+        return {"path": path}
+
+    guard = ProxyGuard(app, dicomweb=True)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://s") as c:
+            return [await c.get(p) for p in ("/proxy/dicom/wado/studies/1.2.3",
+                                             "/proxy/dicom/wado/studies/%2e%2e/%2e%2e/tools/reset",
+                                             "/proxy/dicom/wado/studies/%252e%252e/system")]
+
+    ok, dots, double = asyncio.run(go())
+    assert ok.status_code == 200
+    for r in (dots, double):
+        assert r.status_code == 400 and "'..'" in r.json()["detail"]
