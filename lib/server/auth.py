@@ -12,9 +12,9 @@ so MONAI Label's Python client, 3D Slicer's MONAI Label module and a browser all
   password once, on the 401 of ``/ohif/``, and sends them with OHIF's requests).
 
 Each request needs the role that :mod:`lib.server.policy` gives its route: 401 without valid
-credentials, 403 with a role that is too weak. Label saves record the authenticated user (the
-``user`` query parameter MONAI Label stores with a label is set from the login, never from the
-client). Repeated failed logins from one address are slowed down with 429. Writes are logged with
+credentials, 403 with a role that is too weak. The ``user`` query parameter that MONAI Label's
+endpoints take (and log with a label save or an image upload) is set from the login, never from the
+client. Repeated failed logins from one address are slowed down with 429. Writes are logged with
 the user (``audit:`` lines); passwords and tokens never are.
 """
 
@@ -178,7 +178,7 @@ def _client(scope) -> str:
 
 
 def _with_user(query: bytes, name: str) -> bytes:
-    """The query string with ``user`` set to the authenticated user (MONAI Label stores it with labels)."""
+    """The query string with ``user`` set to the authenticated user (MONAI Label logs it with saves)."""
     pairs = [(k, v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k != "user"]
     pairs.append(("user", name))
     return urlencode(pairs).encode("latin-1")
