@@ -85,4 +85,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("preset", "state_dict", "tasks"):
         if key not in data:
             raise CheckpointError(f"{path} is missing '{key}'")
+    _check_fits_preset(path, data)
     return data
+
+
+def _check_fits_preset(path: Path, data: dict[str, Any]) -> None:
+    """The weights must be those of the network the checkpoint's own preset builds (names and shapes).
+
+    Cheap: the network is built on the ``meta`` device (no memory, about 50 ms). Catches a preset this
+    code cannot build (another code version) and weights of another preset or architecture, before a
+    file is published or served.
+    """
+    from .factory import build_network
+    from .preset import load_preset
+
+    if not isinstance(data["tasks"], list) or not isinstance(data["state_dict"], dict):
+        raise CheckpointError(f"{path} is not a CDPDNet checkpoint: 'tasks' must be a list and 'state_dict' a dict")
+    try:
+        preset = load_preset(data["preset"])
+        with torch.device("meta"):
+            net = build_network(preset, num_tasks=len(data["tasks"]))
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable by this code
+        raise CheckpointError(f"{path} has a preset this code cannot use (incompatible preset or code version): "
+                              f"{type(e).__name__}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in data["state_dict"].items() if isinstance(v, torch.Tensor)}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in data["state_dict"] if k not in expected or k not in got]
+    shapes = [f"{k} {list(got[k])} vs {list(expected[k])}" for k in expected if k in got and got[k] != expected[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors missing, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (file vs preset), e.g. {shapes[:2]}")
+        raise CheckpointError(f"{path}: its state_dict does not fit its preset '{preset.name}' ({'; '.join(parts)}); "
+                              "weights of an incompatible preset or network?")

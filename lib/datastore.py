@@ -19,19 +19,34 @@
 Also, before it writes ``datastore_v2.json``, a local datastore re-reads it when another process
 (a training or scoring subprocess) changed it, so one process does not overwrite the other's
 label or image info with a stale copy.
+
+Crash safety of a local datastore (MONAI Label 0.8.5's ``LocalDatastore`` copies the label onto the
+old file and rewrites ``datastore_v2.json`` in place: a server killed meanwhile leaves a truncated
+label, or a truncated json that stops the next start-up): here the label is written to a hidden temp
+file in its folder, fsynced and renamed over the old one, then the json is written the same way, both
+under the datastore's file lock. Killed at any point, the label file is the old or the new one, whole,
+and the json parses; killed between the two renames, the new label is listed with the old label's
+info (the safe order: an ROI annotated in the new label but not yet listed is unknown, never
+background). A failed json write (no space left) puts the old label back; the save answers 507
+``no space left on device`` and nothing changed. Temp files of a killed save (``.cdpdnet-save.*.tmp``,
+``.datastore_v2.json.*.tmp``) are removed when the datastore is next opened.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import time
+import uuid
 from typing import Any
 
 import numpy as np
 
 from cdpdnet.taxonomy import NUM_CLASSES
 
-from .errors import not_found, unprocessable
+from .errors import HTTPException, not_found, unprocessable
 from .rois import annotated_from_info, annotated_from_label_info_list, parse_rois, read_label_array, roi_names
 
 logger = logging.getLogger(__name__)
@@ -195,7 +210,17 @@ class LabelGuardMixin:
                 info["annotated"] = roi_names(annotated)
                 info["annotated_from"] = how
                 self.describe_final_label(info, present)
-            label_id = super().save_label(image_id, label_filename, label_tag, info, *args, **kw)
+            try:
+                if self._plain_local_save():
+                    label_id = self._save_label_atomically(image_id, label_filename, label_tag, info)
+                else:
+                    label_id = super().save_label(image_id, label_filename, label_tag, info, *args, **kw)
+            except OSError as e:
+                if e.errno in _NO_SPACE:
+                    raise HTTPException(status_code=507, detail=f"label not saved: no space left on device "
+                                                                f"({e.strerror or e}); the previous label of "
+                                                                f"{image_id!r} is unchanged") from None
+                raise
             self.forget_remote_listing(labelled=True)
             self._cdpdnet_last_save = {"image": image_id, "tag": label_tag or FINAL,
                                        **{k: info[k] for k in ("annotated", "annotated_from") if k in info}}
@@ -208,6 +233,107 @@ class LabelGuardMixin:
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         sync_datastore(self)
         return super().update_image_info(image_id, info)
+
+    # -- crash-safe writes of a local datastore --------------------------------------------------
+    def _plain_local_save(self) -> bool:
+        """True when the next ``save_label`` in line is MONAI Label's ``LocalDatastore.save_label``."""
+        from monailabel.datastore.local import LocalDatastore
+
+        return getattr(super().save_label, "__func__", None) is LocalDatastore.save_label
+
+    def _save_label_atomically(self, image_id: str, label_filename: str, label_tag: str,
+                               label_info: dict[str, Any]) -> str:
+        """``LocalDatastore.save_label`` with a crash-safe write order (see the module docstring)."""
+        from filelock import FileLock
+        from monailabel.datastore.local import DataModel
+
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise not_found(f"image {image_id!r} is not in the datastore (unknown image id)")
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_path = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
+        dest = os.path.join(label_path, name)
+        logger.info(f"Saving label of {image_id} ({label_tag}) => {dest}")
+        with FileLock(self._lock_file):
+            os.makedirs(label_path, exist_ok=True)
+            backup = None
+            if os.path.exists(dest):  # a second name for the old file, to put it back if the json cannot be written
+                backup = os.path.join(label_path, f"{_SAVE_PREFIX}{name}.{uuid.uuid4().hex[:8]}.old.tmp")
+                os.link(dest, backup)
+            try:
+                _atomic_copy_file(label_filename, dest, f"{_SAVE_PREFIX}{name}.")
+                info = dict(label_info or {})
+                info["ts"] = int(time.time())
+                info["name"] = name
+                before = obj.labels.get(label_tag)
+                obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
+                try:
+                    self._update_datastore_file(lock=False)
+                except BaseException:
+                    if before is None:
+                        obj.labels.pop(label_tag, None)
+                    else:
+                        obj.labels[label_tag] = before
+                    if backup is not None:
+                        os.replace(backup, dest)
+                        backup = None
+                    else:
+                        os.unlink(dest)
+                    raise
+            finally:
+                if backup is not None and os.path.exists(backup):
+                    os.unlink(backup)
+        return image_id
+
+    def _update_datastore_file(self, lock=True):
+        """``datastore_v2.json`` written atomically (temp file + rename) instead of in place."""
+        from filelock import FileLock
+
+        from cdpdnet.checkpoint import atomic_write_bytes
+
+        path = getattr(self, "_datastore_config_path", None)
+        if not path:
+            return super()._update_datastore_file(lock=lock)
+
+        def write():
+            data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write_bytes(path, data.encode())
+            self._config_ts = os.stat(path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Temp files of saves killed half-way (only ours: see the module docstring); under the datastore lock,
+        so no save in progress (this process or another) is touched."""
+        from filelock import FileLock
+
+        path = getattr(self, "_datastore_config_path", None)
+        if not path or not os.path.isdir(os.path.dirname(path)):
+            return []
+        removed = []
+        json_prefix = f".{os.path.basename(path)}."
+        with FileLock(self._lock_file):
+            folders = [(os.path.dirname(path), json_prefix)]
+            labels = self._datastore.label_path(None)
+            if os.path.isdir(labels):
+                folders += [(os.path.join(labels, t), _SAVE_PREFIX) for t in os.listdir(labels)
+                            if os.path.isdir(os.path.join(labels, t))]
+            for folder, prefix in folders:
+                for f in os.listdir(folder):
+                    if f.startswith(prefix) and f.endswith(".tmp"):
+                        try:
+                            os.unlink(os.path.join(folder, f))
+                            removed.append(os.path.join(os.path.basename(folder), f))
+                        except OSError:
+                            pass
+        if removed:
+            logger.warning(f"Removed temporary files of interrupted label saves: {removed}")
+        return removed
 
     # -- hooks that a remote datastore's guard overrides (lib.dicomweb_datastore) ---------------
     def describe_final_label(self, info: dict[str, Any], present: list[int]) -> None:
@@ -236,4 +362,42 @@ def guard_datastore(ds):
     if isinstance(ds, DICOMWebDatastore):
         from .dicomweb_datastore import DICOMwebGuardMixin as mixin
     ds.__class__ = type(f"Guarded{cls.__name__}", (mixin, cls), {})
+    try:
+        ds.remove_stale_temp_files()
+    except OSError as e:
+        logger.warning(f"could not clean up temporary files in the datastore: {e}")
     return ds
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_SAVE_PREFIX = ".cdpdnet-save."
+
+
+def _atomic_copy_file(src: str, dest: str, prefix: str) -> None:
+    """Copy ``src`` onto ``dest`` so that ``dest`` is the old file or the complete new one, never a part
+    (temp file in ``dest``'s folder, fsync, rename, fsync of the folder); the temp file is removed on failure."""
+    import shutil
+    import tempfile
+
+    folder = os.path.dirname(dest) or "."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # like shutil.copy's new files, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

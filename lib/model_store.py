@@ -11,7 +11,20 @@ Layout under the app's model folder (``apps/cdpdnet/model`` unless ``--conf mode
 
 Publishing (:meth:`ModelStore.publish`) writes the version file atomically (temp file + rename),
 stamps ``model_version`` into the checkpoint, then replaces ``cdpdnet.pt`` atomically with a copy of
-it, under a file lock, so a reader sees the old model or the new one, never a part.
+it, under a file lock, so a reader sees the old model or the new one, never a part. Crash safety,
+step by step (a process killed at any point leaves a consistent store):
+
+1. ``versions/cdpdnet-vNNNN.pt`` (temp + rename): killed before, nothing changed; after, an extra
+   complete version that is not served (the next publish takes the next number);
+2. a temp copy of it next to ``cdpdnet.pt``, with a chosen mtime;
+3. ``cdpdnet.json`` (temp + rename) describing the new file by that mtime, and the served one as
+   ``previous``: until the rename of step 4, :meth:`ModelStore.current` matches the served file's
+   mtime with ``previous``, so the sidecar always describes the file actually served;
+4. rename the temp copy onto ``cdpdnet.pt``.
+
+A failure in steps 1-3 (e.g. no space left on the device) raises, removes what this publish wrote
+(the new version file included) and leaves the served model and its sidecar as they were. Temporary
+files left by a killed publish (hidden ``.*.tmp``) are removed by the next publish or start-up.
 
 :class:`SegmenterCache` keeps one :class:`cdpdnet.inference.Segmenter` per model file and device and
 reloads it when the file's identity (inode, size, mtime) changes: that is how a model published by
@@ -55,19 +68,17 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+def _fsync_dir(path: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 22)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class ModelStore:
@@ -103,8 +114,12 @@ class ModelStore:
         except (OSError, ValueError):
             info = {}
         st = self.published.stat()
-        if info.get("mtime_ns") != st.st_mtime_ns:  # replaced by someone else (e.g. PUT /model/cdpdnet)
-            info = {"version": "", "origin": "unversioned file"}
+        previous = info.pop("previous", None) or {}
+        if info.get("mtime_ns") != st.st_mtime_ns:
+            if previous.get("mtime_ns") == st.st_mtime_ns:  # a publish stopped before its final rename
+                info = dict(previous)
+            else:  # replaced by someone else (by hand)
+                info = {"version": "", "origin": "unversioned file"}
         info.update({"file": str(self.published), "modified_time": int(st.st_mtime)})
         return info
 
@@ -127,15 +142,88 @@ class ModelStore:
             ck["publish_info"] = {"origin": str(origin), "parent": parent,
                                   **{k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}}
             vpath = self.versions_dir / f"{version}.pt"
-            save_checkpoint(vpath, ck)
-            _atomic_copy(vpath, self.published)
-            st = self.published.stat()
-            side = {"version": version, "file": str(vpath), "published_at": ck["published_at"], "origin": origin,
-                    "parent": parent, "preset": (ck.get("preset") or {}).get("name"), "mtime_ns": st.st_mtime_ns,
-                    **ck["publish_info"]}
-            atomic_write_bytes(self.sidecar, json.dumps(side, indent=2).encode())
+            self.remove_stale_temp_files()
+            tmp = None
+            try:
+                save_checkpoint(vpath, ck)  # 1.
+                tmp, mtime_ns = self._staged_copy(vpath)  # 2.
+                side = {"version": version, "file": str(vpath), "published_at": ck["published_at"],
+                        "origin": origin, "parent": parent, "preset": (ck.get("preset") or {}).get("name"),
+                        "mtime_ns": mtime_ns, **ck["publish_info"]}
+                side["previous"] = self._served_entry()
+                atomic_write_bytes(self.sidecar, json.dumps(side, indent=2).encode())  # 3.
+                os.replace(tmp, self.published)  # 4.
+                tmp = None
+            except BaseException as e:
+                for leftover in (tmp, vpath):
+                    if leftover is not None and os.path.exists(leftover):
+                        os.unlink(leftover)
+                if isinstance(e, OSError):
+                    raise OSError(e.errno, f"could not publish {version} in {self.dir} ({e.strerror or e}); the "
+                                           f"served model is unchanged ({parent or 'none'})") from e
+                raise
+            _fsync_dir(self.dir)
         logger.info(f"Published model {version} ({origin}) => {self.published}")
         return version
+
+    def _staged_copy(self, src: Path) -> tuple[str, int]:
+        """A complete, fsynced copy of ``src`` next to ``cdpdnet.pt`` (hidden temp name) with an mtime that
+        differs from the served file's; returns (temp path, mtime_ns)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.published.name}.", suffix=".tmp", dir=self.dir)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, 1 << 22)
+                out.flush()
+                os.fsync(out.fileno())
+            mtime_ns = time.time_ns()
+            try:
+                if mtime_ns == self.published.stat().st_mtime_ns:
+                    mtime_ns += 1
+            except FileNotFoundError:
+                pass
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+            return tmp, mtime_ns
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def _served_entry(self) -> dict | None:
+        """The sidecar entry that describes the file served now (``None`` when none does)."""
+        try:
+            info = json.loads(self.sidecar.read_text())
+            mtime_ns = self.published.stat().st_mtime_ns
+        except (OSError, ValueError):
+            return None
+        previous = info.pop("previous", None) or {}
+        for entry in (info, previous):
+            if entry.get("mtime_ns") == mtime_ns and entry.get("version"):
+                return entry
+        return None
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Remove temp files (``.*.tmp``) a killed publish left in the model folder and ``versions/``.
+
+        Only called under the publish lock: every temp file there belongs to a publish, and no other
+        publish is running."""
+        removed = []
+        with self._lock:
+            for d in (self.dir, self.versions_dir):
+                if not d.is_dir():
+                    continue
+                for p in d.iterdir():
+                    if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                        try:
+                            p.unlink()
+                            removed.append(p.name)
+                        except FileNotFoundError:
+                            pass
+        if removed:
+            logger.warning(f"Removed temporary files left by an interrupted publish in {self.dir}: {removed}")
+        return removed
 
     def ensure_model(self, preset: str, use_pretrained: bool = True, create_untrained: bool = True) -> str:
         """Make sure ``cdpdnet.pt`` exists: publish the pretrained file, else an untrained model of ``preset``.
@@ -143,6 +231,8 @@ class ModelStore:
         Returns what was done (``""`` when a model was already there). Safe against two processes
         starting at once (file lock; the second sees the first's file).
         """
+        if self.dir.is_dir():
+            self.remove_stale_temp_files()
         if self.published.is_file():
             return ""
         self.dir.mkdir(parents=True, exist_ok=True)

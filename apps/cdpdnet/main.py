@@ -89,6 +89,12 @@ from lib.server import install as install_server_guards  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# -- model upload (PUT /model/cdpdnet): validated, then published as a version (lib/model_upload.py) ----
+from lib.model_upload import install as _install_model_upload  # noqa: E402
+
+_install_model_upload()
+# ---------------------------------------------------------------------------------------------------
+
 MODEL = "cdpdnet"
 
 
