@@ -34,6 +34,10 @@ def load_image(path: str | Path, what: str = "image"):
         raise InvalidImageError(f"{what} {path} does not exist")
     if path.is_file() and path.stat().st_size == 0:
         raise InvalidImageError(f"{what} {path} is an empty file")
+    if path.is_file():  # header sanity before any reader sizes a buffer from it
+        from .fileheaders import inspect_volume_file
+
+        inspect_volume_file(path, f"{what} {path.name}")
     try:
         img = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
     except Exception as e:

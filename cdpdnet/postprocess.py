@@ -144,7 +144,13 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """26-connected labels, voxel counts and centroids (index 0 = background)."""
-    labels = cc3d.connected_components(mask, connectivity=26)
+    # cc3d raises ("Label 2 cannot be mapped to union-find array of length 2") on some masks one voxel thick,
+    # such as the bounding box of a thin prediction (a 500 on a small upload): those are padded first
+    if min(mask.shape) < 3:
+        labels = cc3d.connected_components(np.pad(mask, 1), connectivity=26)
+        labels = np.ascontiguousarray(labels[(slice(1, -1),) * mask.ndim])
+    else:
+        labels = cc3d.connected_components(mask, connectivity=26)
     stats = cc3d.statistics(labels)
     counts = np.asarray(stats["voxel_counts"], dtype=np.int64).copy()
     counts[0] = 0

@@ -16,6 +16,15 @@
 3. for the ``final`` tag, ``annotated`` (canonical ROI names) and ``annotated_from`` are recorded
    in the label info by the rule in :mod:`lib.rois`.
 
+Ids, tags and uploads (:mod:`lib.inputs`): ``add_image`` refuses an image id or file name that is not
+a plain file name (400: MONAI Label joins it into a path, ``../x`` wrote outside the studies folder), a
+file type the datastore does not list, and a file that is not a usable 3D CT (422, checked by the header
+before any voxel is read, then as :func:`cdpdnet.imageio.load_image` reads it); ``save_label`` refuses
+such a tag (400) and label file types other than NIfTI, NRRD, MetaImage and OHIF's ``.bin`` (422). The
+id lookups (image / label info, their updates, ``remove_image`` / ``remove_label``) answer 400 for a
+malformed id and 404 for an unknown one, instead of MONAI Label's ``{}`` or 500. Nothing is written on
+refusal.
+
 Also, before it writes ``datastore_v2.json``, a local datastore re-reads it when another process
 (a training or scoring subprocess) changed it, so one process does not overwrite the other's
 label or image info with a stale copy.
@@ -46,7 +55,8 @@ import numpy as np
 
 from cdpdnet.taxonomy import NUM_CLASSES
 
-from .errors import HTTPException, not_found, unprocessable
+from .errors import HTTPException, bad_request, not_found, unprocessable
+from .inputs import IMAGE_UPLOAD_SUFFIXES, LABEL_UPLOAD_SUFFIXES, check_new_id, check_upload, id_problem, suffix_of
 from .rois import annotated_from_info, annotated_from_label_info_list, parse_rois, read_label_array, roi_names
 
 logger = logging.getLogger(__name__)
@@ -104,9 +114,11 @@ def label_value_map(label_info) -> dict[int, int]:
             continue
         idx = e.get("idx", e.get("index", e.get("value")))
         r = resolve_roi_name(str(e["name"]))
+        if isinstance(idx, bool) or (isinstance(idx, float) and not idx.is_integer()):
+            continue
         try:
             idx = int(idx)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             continue
         if r is not None and idx > 0:
             out[idx] = r.index
@@ -118,17 +130,28 @@ def validate_label(label_path: str, image_uri: str, value_map: dict[int, int] | 
 
     Returns ``(ROI values present, remapped uint8 array or None, affine)``. Raises 422.
     """
+    head = check_upload(label_path, "label", LABEL_UPLOAD_SUFFIXES)  # full header check, nothing read yet
+    shape, img_affine = _image_geometry(image_uri)
+    if head is not None and head["format"] != "dicom":
+        hshape = tuple(int(s) for s in head["shape"])
+        while len(hshape) > 3 and hshape[-1] == 1:
+            hshape = hshape[:-1]
+        if hshape != tuple(shape):
+            raise unprocessable(f"label refused: its voxel shape {list(hshape)} differs from the image's {list(shape)}")
     try:
         arr, affine = read_label_array(label_path)
     except ValueError as e:
         raise unprocessable(f"label refused: {e}") from None
-    shape, img_affine = _image_geometry(image_uri)
     if tuple(arr.shape) != tuple(shape):
         raise unprocessable(f"label refused: its voxel shape {list(arr.shape)} differs from the image's {list(shape)}")
     if not np.allclose(affine, img_affine, atol=AFFINE_TOL):
         raise unprocessable("label refused: its geometry (affine) differs from the image's: "
                             f"label {np.round(affine, 3).tolist()} vs image {np.round(img_affine, 3).tolist()}")
     a = np.asarray(arr)
+    if a.dtype.kind not in "biuf":
+        raise unprocessable(f"label refused: its voxels are of type {a.dtype}; a label map holds integers 0..32")
+    if a.dtype.kind == "b":
+        a = a.astype(np.uint8)
     if not np.issubdtype(a.dtype, np.integer):
         if not np.isfinite(a).all():
             raise unprocessable("label refused: it contains NaN or infinite values")
@@ -170,12 +193,17 @@ class LabelGuardMixin:
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], *args, **kw):
         sync_datastore(self)
+        if label_tag:  # MONAI Label's endpoint turns an empty tag into "final"
+            check_new_id(label_tag, "label tag")
+        if label_info is not None and not isinstance(label_info, dict):
+            raise bad_request(f"label params must be a JSON object, got {type(label_info).__name__}")
         info = dict(label_info or {})
-        if image_id not in self.list_images():
-            raise not_found(f"image {image_id!r} is not in the datastore (unknown image id)")
+        self._require_image(image_id, listed=True)
         image_uri = self.get_image_uri(image_id)
         if not image_uri or not os.path.exists(image_uri):
             raise not_found(f"image {image_id!r} has no readable image file")
+        if suffix_of(label_filename, LABEL_UPLOAD_SUFFIXES) is None:
+            check_upload(label_filename, "label", LABEL_UPLOAD_SUFFIXES)  # 422 naming the file type
         converted = None
         if str(label_filename).endswith(".bin"):
             from monailabel.datastore.utils.convert import binary_to_image
@@ -221,6 +249,7 @@ class LabelGuardMixin:
                                                                 f"({e.strerror or e}); the previous label of "
                                                                 f"{image_id!r} is unchanged") from None
                 raise
+            self._remove_other_label_files(image_id, label_tag or FINAL)
             self.forget_remote_listing(labelled=True)
             self._cdpdnet_last_save = {"image": image_id, "tag": label_tag or FINAL,
                                        **{k: info[k] for k in ("annotated", "annotated_from") if k in info}}
@@ -230,9 +259,87 @@ class LabelGuardMixin:
                 if tmp and os.path.exists(tmp):
                     os.unlink(tmp)
 
+    # -- images -------------------------------------------------------------------------------
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """Refuse a malformed id (400), a file type the datastore does not list or a file that is not a
+        usable 3D CT (422) before MONAI Label copies it into the studies folder."""
+        from cdpdnet.imageio import InvalidImageError, load_image
+
+        sync_datastore(self)
+        if image_id:
+            check_new_id(image_id, "image id")
+        else:  # MONAI Label names the image after the (temporary) file
+            check_new_id(self._to_id(os.path.basename(image_filename))[0], "image id (from the file name)")
+        listed = tuple(e.replace("*", "") for e in (getattr(self, "_extensions", None) or ["*.nii.gz", "*.nii"]))
+        suffixes = tuple(e for e in IMAGE_UPLOAD_SUFFIXES if e in listed) or IMAGE_UPLOAD_SUFFIXES
+        check_upload(image_filename, "image", suffixes, volume=True)
+        try:
+            load_image(image_filename, "image")
+        except InvalidImageError as e:
+            msg = str(e).replace(f"image {os.path.basename(image_filename)}", "the image")
+            raise unprocessable(f"image refused: {msg}") from None
+        return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        self._require_image(image_id)
+        return super().remove_image(image_id)
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        self._require_image(image_id)
+        return super().get_image_info(image_id)
+
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         sync_datastore(self)
+        self._require_image(image_id)
         return super().update_image_info(image_id, info)
+
+    # -- labels -------------------------------------------------------------------------------
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        self._require_label(label_id, label_tag)
+        return super().get_label_info(label_id, label_tag)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        self._require_label(label_id, label_tag)
+        return super().remove_label(label_id, label_tag)
+
+    def _remove_other_label_files(self, image_id: str, label_tag: str) -> None:
+        """After a label is saved as ``<id>.nrrd``, remove a ``<id>.nii.gz`` (etc.) left by an earlier save in
+        another format: MONAI Label keeps it, and a rescan of the folder may list the stale file again."""
+        store = getattr(self, "_datastore", None)
+        label = store.label(image_id, label_tag) if store is not None and hasattr(store, "label") else None
+        if label is None or not hasattr(store, "label_path"):
+            return
+        folder = store.label_path(label_tag)
+        keep = self._filename(image_id, label.ext)
+        for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+            name = self._filename(image_id, ext)
+            path = os.path.join(folder, name)
+            if name != keep and os.path.isfile(path) and self._to_id(name)[0] == image_id:
+                logger.info(f"label of {image_id!r} ({label_tag}) saved as {keep}: removing the older {name}")
+                os.unlink(path)
+
+    # -- id checks ------------------------------------------------------------------------------
+    def knows_image(self, image_id: str) -> bool | None:
+        """Whether the datastore has this image id; ``None`` when that takes a remote query (then MONAI
+        Label's own answer stands)."""
+        store = getattr(self, "_datastore", None)
+        objects = getattr(store, "objects", None)
+        return None if objects is None else image_id in objects
+
+    def _require_image(self, image_id: str, listed: bool = False) -> None:
+        """400 for an id that cannot be a file name, 404 for an unknown one."""
+        known = (image_id in self.list_images()) if listed else self.knows_image(image_id)
+        if known is False or (known is None and id_problem(image_id)):
+            if id_problem(image_id):
+                check_new_id(image_id, "image id")
+            raise not_found(f"image {_shown(image_id)} is not in the datastore (unknown image id)")
+
+    def _require_label(self, label_id: str, label_tag: str) -> None:
+        if label_tag and id_problem(label_tag):
+            check_new_id(label_tag, "label tag")
+        self._require_image(label_id)
+        if self.knows_image(label_id) and not self.get_label_uri(label_id, label_tag):
+            raise not_found(f"image {_shown(label_id)} has no {_shown(label_tag)} label")
 
     # -- crash-safe writes of a local datastore --------------------------------------------------
     def _plain_local_save(self) -> bool:
@@ -347,7 +454,13 @@ class LabelGuardMixin:
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         sync_datastore(self)
+        self._require_label(label_id, label_tag)
         return super().update_label_info(label_id, label_tag, info)
+
+
+def _shown(value: Any) -> str:
+    s = repr(value)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def guard_datastore(ds):

@@ -51,6 +51,11 @@ class DICOMwebGuardMixin(LabelGuardMixin):
     def refresh_training_labels(self) -> None:
         self._download_labeled_data()
 
+    def knows_image(self, image_id: str) -> bool | None:
+        """Series are listed by the PACS (a query), not by the local cache: id lookups only refuse
+        malformed ids and otherwise keep MONAI Label's answers."""
+        return None
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """DICOMweb: a final label asked for by *image* id is the local copy of the image's newest SEG
         (see :meth:`_download_labeled_data`); MONAI Label would take the id for a SEG series."""

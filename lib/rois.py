@@ -50,15 +50,15 @@ def roi_names(values: Iterable[int]) -> list[str]:
     return [ROIS[int(v) - 1].name for v in sorted(set(int(v) for v in values))]
 
 
-def _split_text(value: str) -> list[str]:
+def _split_text(value: str, what: str = "value") -> list[str]:
     s = value.strip()
     if s.startswith("["):
         try:
             parsed = json.loads(s)
-        except ValueError:
-            raise bad_request(f"could not parse {value!r} as a JSON list") from None
+        except (ValueError, RecursionError):
+            raise bad_request(f"'{what}': could not parse {value[:200]!r} as a JSON list") from None
         if not isinstance(parsed, list):
-            raise bad_request(f"expected a list, got {value!r}")
+            raise bad_request(f"'{what}': expected a list, got {value[:200]!r}")
         return parsed
     parts = [p.strip() for p in s.replace(";", ",").split(",")]
     return [p for p in parts if p]
@@ -72,7 +72,7 @@ def parse_rois(value: Any, what: str = "label_prompt") -> list[int]:
     if value is None or value == "" or value == []:
         return []
     if isinstance(value, str):
-        items = _split_text(value)
+        items = _split_text(value, what)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         items = [value]
     elif isinstance(value, (list, tuple)):
@@ -124,9 +124,11 @@ def annotated_from_label_info_list(entries: Any) -> list[int]:
                 if idx is None:
                     raise unprocessable(f"'label_info': {err}") from None
         if idx is not None:
+            if isinstance(idx, bool) or (isinstance(idx, float) and not idx.is_integer()):
+                raise bad_request(f"'label_info': idx {idx!r} is not an integer")
             try:
                 v = int(idx)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise bad_request(f"'label_info': idx {idx!r} is not an integer") from None
             if v == 0:
                 continue
@@ -173,6 +175,9 @@ def read_label_array(path: str):
         raise ValueError(f"label file {path!r} does not exist")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError("the label file is empty")
+    from cdpdnet.fileheaders import inspect_volume_file
+
+    inspect_volume_file(path, "the label file")  # InvalidImageError (a ValueError) before any voxel is read
     try:
         img = LoadImage(image_only=True)(path)
     except Exception as e:  # noqa: BLE001 - any reader failure means "not an image"

@@ -82,6 +82,8 @@ import cdpdnet  # noqa: E402,F401
 from lib.configs.cdpdnet import CDPDNet  # noqa: E402
 from lib.datastore import FINAL, guard_datastore, sync_datastore  # noqa: E402
 from lib.errors import bad_request, not_found  # noqa: E402
+from lib.inputs import (INFER_UPLOAD_SUFFIXES, check_new_id, check_upload, guard_sessions,  # noqa: E402
+                        harden_endpoints, id_problem, is_uploaded_file)
 from lib.pacs import use_dicomweb_credentials  # noqa: E402
 from lib.rois import final_label_annotation  # noqa: E402
 from lib.server import ServerOptions  # noqa: E402
@@ -110,6 +112,7 @@ class CDPDNetApp(MONAILabelApp):
             use_dicomweb_credentials(conf["dicomweb_credentials"])
         self.task_config = CDPDNet()
         self.task_config.init(MODEL, self.model_dir, conf, None)
+        harden_endpoints()  # 400 for malformed JSON form fields and infer requests without an image
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -123,6 +126,9 @@ class CDPDNetApp(MONAILabelApp):
     # -- tasks ------------------------------------------------------------------------------
     def init_datastore(self):
         return guard_datastore(super().init_datastore())
+
+    def _load_sessions(self, load=False):
+        return guard_sessions(super()._load_sessions(load))  # session ids are file names: no traversal
 
     def init_infers(self):
         return dict(self.task_config.infer())
@@ -154,13 +160,19 @@ class CDPDNetApp(MONAILabelApp):
         if model not in self._infers:
             raise not_found(f"unknown model {model!r}; available: {', '.join(self._infers)}")
         image = request.get("image")
+        if _truthy(request.get("save_label")):  # MONAI Label saves the result under this tag
+            check_new_id(request.get("label_tag") or "original", "label_tag")
         if isinstance(image, str):
             if not image:
                 raise bad_request("no image: pass ?image=<image id> (or upload a file)")
-            if not os.path.exists(image):
+            if is_uploaded_file(image, self.sessions()):  # MONAI Label's temporary copy of an upload
+                check_upload(image, "uploaded image", INFER_UPLOAD_SUFFIXES, volume=True)
+            else:  # an image id; never a path on the server (MONAI Label read any existing path)
                 ds = datastore or self.datastore()
                 sync_datastore(ds)
                 if image not in ds.list_images():
+                    if id_problem(image):
+                        check_new_id(image, "image id")
                     raise not_found(f"image {image!r} is not in the datastore (unknown image id)")
                 request["image_id"] = image
                 ann = final_label_annotation(ds, image, FINAL)
@@ -209,6 +221,10 @@ class CDPDNetApp(MONAILabelApp):
             "init_error": self.task_config.init_error,
         }
         return meta
+
+
+def _truthy(v) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
 
 
 def _version() -> str:

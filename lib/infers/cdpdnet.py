@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CDPDNetInfer", "CDPDNetPromptInfer", "EXTENSIONS"]
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+MAX_MARGIN_MM = 10000.0
 ALL_ROIS = list(range(1, NUM_CLASSES + 1))
 
 
@@ -118,9 +119,13 @@ class _CDPDNetInferBase(InferTask):
         try:
             img = load_image(image)
         except InvalidImageError as e:
-            raise unprocessable(str(e)) from None
+            msg = str(e)
+            if not req.get("image_id"):  # an upload: the name of its temporary copy means nothing to the client
+                msg = msg.replace(f"image {os.path.basename(image)}", "the uploaded image")
+            raise unprocessable(msg) from None
         shape = tuple(int(s) for s in img.shape[1:])
         fg, bg = self.clicks(req, shape)
+        _margin_mm(req.get("point_margin_mm"))  # 400 for a bad one, also when no box is segmented (nothing to do)
 
         # fill-in mode: an existing final label keeps its annotated ROIs, only the others are proposed
         existing = req.get("cdpdnet_existing") or None
@@ -141,7 +146,7 @@ class _CDPDNetInferBase(InferTask):
         to_predict = [r for r in rois if r not in annotated_set]
 
         try:
-            entry = SEGMENTERS.get(self.store.published, resolve_device(str(req.get("device") or self.device)))
+            entry = SEGMENTERS.get(self.store.published, resolve_device(_device(req.get("device") or self.device)))
         except CheckpointError as e:
             raise server_error(f"the served model cannot be loaded: {e}") from None
         seg = entry.segmenter
@@ -222,16 +227,10 @@ class _CDPDNetInferBase(InferTask):
 
         affine = np.asarray(img.affine, dtype=np.float64)
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-        margin = req.get("point_margin_mm")
-        if margin is None:
+        margin_mm = _margin_mm(req.get("point_margin_mm"))
+        if margin_mm is None:
             pre_sp = [float(s) for s in seg.preset.preprocess["spacing"]]
-            margin = 0.5 * max(p * s for p, s in zip(seg.preset.patch_size, pre_sp))
-        try:
-            margin_mm = np.broadcast_to(np.asarray(margin, dtype=np.float64), (3,))
-        except (TypeError, ValueError):
-            raise bad_request(f"point_margin_mm must be a number or 3 numbers, got {margin!r}") from None
-        if not np.isfinite(margin_mm).all() or (margin_mm < 0).any():
-            raise bad_request(f"point_margin_mm must be >= 0, got {margin!r}")
+            margin_mm = _margin_mm(0.5 * max(p * s for p, s in zip(seg.preset.patch_size, pre_sp)))
         pts = np.asarray(clicks, dtype=np.int64)
         shape = np.asarray(img.shape[1:], dtype=np.int64)
         mv = np.ceil(margin_mm / spacing).astype(np.int64)
@@ -313,7 +312,7 @@ class CDPDNetPromptInfer(_CDPDNetInferBase):
             info["label_prompt"] = roi_names(got)
         text = req.get("text") or req.get("prompt")
         if text not in (None, "", []):
-            got, report = resolve_text_prompt(text, float(req.get("text_threshold") or self.text_threshold))
+            got, report = resolve_text_prompt(text, _threshold(req.get("text_threshold"), self.text_threshold))
             values.update(got)
             info["text"] = report
         if not values:
@@ -343,6 +342,46 @@ class CDPDNetPromptInfer(_CDPDNetInferBase):
         return fg, bg
 
 
+def _margin_mm(margin: Any) -> np.ndarray | None:
+    """``point_margin_mm`` (a number or 3) as 3 floats in 0..MAX_MARGIN_MM, ``None`` when absent; 400 otherwise."""
+    if margin is None:
+        return None
+    try:
+        margin_mm = np.broadcast_to(np.asarray(margin, dtype=np.float64), (3,))
+    except (TypeError, ValueError, OverflowError):
+        raise bad_request(f"point_margin_mm must be a number or 3 numbers, got {margin!r}") from None
+    if not np.isfinite(margin_mm).all() or (margin_mm < 0).any() or (margin_mm > MAX_MARGIN_MM).any():
+        raise bad_request(f"point_margin_mm must be in 0..{MAX_MARGIN_MM:g} mm, got {margin!r}")
+    return margin_mm
+
+
+def _threshold(value: Any, default: float) -> float:
+    if value in (None, ""):
+        return float(default)
+    try:
+        t = float(value)
+    except (TypeError, ValueError, OverflowError):
+        t = math.nan
+    if isinstance(value, bool) or not 0.0 <= t <= 1.0:
+        raise bad_request(f"text_threshold must be a number in 0..1 (a cosine similarity), got {value!r}")
+    return t
+
+
+def _device(value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (an existing GPU); 400 for anything else."""
+    import re
+
+    import torch
+
+    name = value.strip().lower() if isinstance(value, str) else None
+    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d{1,3}))?", name or "")
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise bad_request(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    if m.group(2) is not None and torch.cuda.is_available() and int(m.group(2)) >= torch.cuda.device_count():
+        raise bad_request(f"device {name!r}: this server has {torch.cuda.device_count()} GPU(s)")
+    return name
+
+
 def _as_points(value: Any, what: str, shape: tuple[int, ...]) -> list[list[int]]:
     if isinstance(value, str):
         import json
@@ -356,7 +395,8 @@ def _as_points(value: Any, what: str, shape: tuple[int, ...]) -> list[list[int]]
     out = []
     for p in value:
         if (not isinstance(p, (list, tuple)) or len(p) != 3
-                or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) for c in p)):
+                or any(isinstance(c, bool) or not isinstance(c, (int, float))
+                       or (isinstance(c, float) and not math.isfinite(c)) for c in p)):
             raise bad_request(f"'{what}': each point must be [x, y, z] voxel indices (3 numbers), got {p!r}")
         q = [int(round(c)) for c in p]
         if any(c < 0 or c >= s for c, s in zip(q, shape)):

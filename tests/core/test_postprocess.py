@@ -187,3 +187,15 @@ def test_merge_lesions_over_organs_and_split():
     assert set(parts) == {6, 27} and parts[27].sum() == 8 - 1
     assert set(split_label_map(label)) == {1, 6, 27, 29}
     assert not merge_to_label_map({}, SHAPE).any()
+
+
+def test_components_of_masks_one_voxel_thick():
+    """cc3d raised on e.g. [[[1, 0, 1]]] (the bounding box of a thin prediction): a 500 on small uploads."""
+    from cdpdnet.postprocess import top_k_components
+
+    mask = np.array([[[1, 0, 1, 1]]], dtype=bool)
+    np.testing.assert_array_equal(top_k_components(mask, 1), [[[False, False, True, True]]])
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = rng.random(tuple(rng.integers(1, 4, size=3))) < 0.5
+        top_k_components(m, 2)
