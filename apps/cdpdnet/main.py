@@ -148,7 +148,7 @@ class CDPDNetApp(MONAILabelApp):
         super().on_init_complete()
         import monailabel.app
 
-        done = install_server_guards(monailabel.app.app, ServerOptions(self.conf, self.app_dir))
+        done = install_server_guards(monailabel.app.app, ServerOptions(self.conf, self.app_dir, self.studies))
         logger.info(f"Server guards: {done}")
 
     # -- requests ---------------------------------------------------------------------------
