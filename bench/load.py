@@ -11,7 +11,8 @@ every 0.5 s. It prints, and writes to ``--out``/load.json:
 * requests completed per minute, held over the run;
 * latency percentiles (p50/p90/p99/max) of completed requests, from the first try to the answer
   (waits after a 503 included), and of single attempts;
-* outcomes: 200, 503 (refused, then retried), other statuses, given up, lost (no answer at all);
+* outcomes: 200, 503 (refused, then retried), other statuses, given up, lost (no answer at all), and
+  what the server logged it answered (its audit lines), to compare;
 * peak resident memory of the server process tree, and the training status at the end.
 
 Usage (the demo's studies and model; see docs/benchmarks.md)::
@@ -117,6 +118,16 @@ def start_server(studies: Path, model: Path, work: Path, preset: str, max_queued
     return proc, f"http://127.0.0.1:{port}", passwords
 
 
+def _audit_counts(log: Path) -> dict[str, int]:
+    """What the server itself answered to POST /infer/cdpdnet (its audit lines), warm-up included."""
+    counts: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if "POST /infer/cdpdnet -> " in line and "audit:" in line:
+            code = line.rsplit("-> ", 1)[1].strip()
+            counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
 def login(url: str, user: str, password: str) -> dict:
     import requests
 
@@ -129,7 +140,6 @@ def client_loop(idx, url, headers, images, deadline, max_retries, records, lock)
     import requests
 
     n = idx
-    session = requests.Session()
     while time.monotonic() < deadline:
         image = images[n % len(images)]
         n += 1
@@ -138,11 +148,13 @@ def client_loop(idx, url, headers, images, deadline, max_retries, records, lock)
         while True:
             t = time.monotonic()
             try:
-                r = session.post(f"{url}/infer/cdpdnet", params={"image": image, "output": "json"},
-                                 data={"params": "{}"}, headers=headers, timeout=600)
+                # a new connection per request, as MONAI Label's client does: a kept-alive connection that the
+                # server closes while the client waits out a Retry-After fails the next POST on the client side
+                r = requests.post(f"{url}/infer/cdpdnet", params={"image": image, "output": "json"},
+                                  data={"params": "{}"}, headers={**headers, "Connection": "close"}, timeout=600)
                 status = r.status_code
             except requests.RequestException as e:
-                status = f"no answer: {type(e).__name__}"
+                status = f"no answer: {type(e).__name__}: {e}"
             attempts.append(time.monotonic() - t)
             if status == 503 and refused < max_retries:
                 refused += 1
@@ -239,6 +251,7 @@ def main(argv=None) -> int:
         "final_statuses": statuses,
         "given_up": sum(1 for r in records if r["status"] == 503),
         "lost": sum(1 for r in records if isinstance(r["status"], str)),
+        "server_logged_infer_answers": _audit_counts(work / "server.log"),
         "latency_s": {q: _pct([r["latency_s"] for r in ok], v) for q, v in (("p50", 50), ("p90", 90), ("p99", 99),
                                                                           ("max", 100))},
         "attempt_s": {q: _pct(attempts, v) for q, v in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
