@@ -37,7 +37,7 @@ def test_paper_dino_is_vit_b14_without_loading_weights():
     assert cfg.hidden_size == load_preset("paper").network.dino_dim
 
 
-@pytest.mark.parametrize("preset,dino", [("tiny", "random:tiny"), ("lite", "random:small")])
+@pytest.mark.parametrize("preset,dino", [("tiny", "random:tiny"), ("lite", "random:small"), ("lite-wide", "random:small")])
 def test_forward_shapes(preset, dino):
     p = load_preset(preset)
     model = build_model(p, num_tasks=4, dino=dino)
