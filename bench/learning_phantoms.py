@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["partial", "naive"], help="train just one of the two")
     ap.add_argument("--preset", default="lite", help="preset name or JSON file (default lite)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation, sampling, crops)")
     a = ap.parse_args()
 
     import numpy as np
@@ -76,7 +77,7 @@ def main() -> None:
     for loss in (["partial", "naive"] if a.only is None else [a.only]):
         t0 = time.time()
         cfg = TrainConfig(out_dir=str(out / loss), epochs=a.epochs, iterations_per_epoch=a.iterations, loss=loss,
-                          max_minutes=a.minutes, progress=False, seed=0, lr=a.lr, schedule="budget")
+                          max_minutes=a.minutes, progress=False, seed=a.seed, lr=a.lr, schedule="budget")
         summary = Trainer(dl.training, a.preset, cfg, sources={k: v for k, v in dl.sources.items()
                                                               if k in PHANTOM_SOURCES}).run()
         meta[loss] = {"train_seconds": time.time() - t0, "epochs_done": summary["epochs_done"],

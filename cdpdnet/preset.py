@@ -60,6 +60,10 @@ class Preset:
             raise ValueError(f"patch_size {patch} must be 3 values divisible by {div}")
         if patch[0] < net.dino_group:
             raise ValueError(f"patch_size[0]={patch[0]} must be at least dino_group={net.dino_group}")
+        channels = 1 + len(d["preprocess"].get("extra_windows") or [])  # cdpdnet/preprocessing.py
+        if net.in_channels != channels:
+            raise ValueError(f"network.in_channels={net.in_channels} but the preprocessing gives {channels} channels "
+                             f"(1 + {channels - 1} extra_windows)")
         return cls(d["name"], net, dict(d["dino"]), dict(d["text"]), dict(d["preprocess"]), patch,
                    dict(d["train"]), dict(d["infer"]), d.get("description", ""), copy.deepcopy(d))
 
