@@ -73,16 +73,30 @@ class Preset:
                 "train": self.train, "infer": self.infer}
 
 
-def load_preset(name_or_path: str | Path | dict, overrides: dict[str, Any] | None = None) -> Preset:
-    """A preset by name (``paper``, ``lite``, ``tiny``), JSON path or dict, with nested ``overrides``."""
-    if isinstance(name_or_path, dict):
-        d = name_or_path
+def _raw_preset(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict:
+    """A preset's JSON as a dict, with ``"inherits_from"`` resolved (as nnU-Net plans do): a preset
+    name or a JSON path (relative to the inheriting file) whose settings the file updates, nested."""
+    p = Path(str(name_or_path))
+    if p.suffix == ".json" and p.is_file():
+        d, here = json.loads(p.read_text()), p.parent
+    elif str(name_or_path) in available_presets():
+        d, here = json.loads(resources.files("cdpdnet.presets").joinpath(f"{name_or_path}.json").read_text()), None
     else:
-        p = Path(str(name_or_path))
-        if p.suffix == ".json" and p.is_file():
-            d = json.loads(p.read_text())
-        elif str(name_or_path) in available_presets():
-            d = json.loads(resources.files("cdpdnet.presets").joinpath(f"{name_or_path}.json").read_text())
-        else:
-            raise ValueError(f"unknown preset {str(name_or_path)!r}: use one of {available_presets()} or a JSON file")
+        raise ValueError(f"unknown preset {str(name_or_path)!r}: use one of {available_presets()} or a JSON file")
+    base = d.pop("inherits_from", None)
+    if base is None:
+        return d
+    if here is not None and Path(str(base)).suffix == ".json":
+        base = here / str(base)
+    seen = seen + (str(name_or_path),)
+    if str(base) in seen:
+        raise ValueError(f"preset {str(name_or_path)!r}: circular inherits_from {list(seen) + [str(base)]}")
+    return _deep_update(_raw_preset(base, seen), d)
+
+
+def load_preset(name_or_path: str | Path | dict, overrides: dict[str, Any] | None = None) -> Preset:
+    """A preset by name (``paper``, ``lite``, ``tiny``), JSON path or dict, with nested ``overrides``.
+
+    A preset file may start from another with ``"inherits_from"`` and state only what differs."""
+    d = name_or_path if isinstance(name_or_path, dict) else _raw_preset(name_or_path)
     return Preset.from_dict(_deep_update(d, overrides or {}))

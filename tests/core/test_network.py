@@ -141,3 +141,22 @@ def test_instance_norm_keeps_channels_last_and_matches_the_exact_kernel():
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(out, ref(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours(x), ref(x))  # contiguous input: the exact kernel
+
+
+def test_preset_files_inherit_and_state_only_differences(tmp_path):
+    import json
+
+    (tmp_path / "wide.json").write_text(json.dumps({"name": "wide", "inherits_from": "lite",
+                                                     "preprocess": {"spacing": [6.0, 6.0, 6.0]}}))
+    (tmp_path / "wide2.json").write_text(json.dumps({"name": "wide2", "inherits_from": "wide.json",
+                                                      "patch_size": [48, 32, 48]}))
+    lite, p = load_preset("lite"), load_preset(tmp_path / "wide2.json")
+    assert p.name == "wide2" and p.patch_size == [48, 32, 48]
+    assert p.preprocess == dict(lite.preprocess, spacing=[6.0, 6.0, 6.0])  # nested update keeps hu_min etc.
+    assert p.network == lite.network and p.train == lite.train
+    (tmp_path / "loop.json").write_text(json.dumps({"name": "loop", "inherits_from": "loop.json"}))
+    with pytest.raises(ValueError, match="circular inherits_from"):
+        load_preset(tmp_path / "loop.json")
+    (tmp_path / "orphan.json").write_text(json.dumps({"name": "x", "inherits_from": "no-such-preset"}))
+    with pytest.raises(ValueError, match="unknown preset 'no-such-preset'"):
+        load_preset(tmp_path / "orphan.json")
