@@ -14,7 +14,7 @@ bottleneck                 StackedConvLayers                           ``[B, 320
 psi_organ                  TextFiLM(bottleneck, organ text)
 TTPG                       TaskPromptGenerator -> one channel per sample, concatenated: 321 channels
 decoder u = 0..4           ConvT -> cat(psi(skip)) -> StackedConvLayers  ... ``[B, 32, 96^3]``
-head                       Conv3d 1x1x1, no bias                       ``[B, 32, 96, 96, 96]`` logits
+head                       [ConvNormAct 1x1x1 if head_hidden] Conv3d 1x1x1, no bias                      ``[B, 32, 96, 96, 96]`` logits
 =========================  ==========================================  =========================
 
 The network is multi-label: apply a sigmoid per channel; channel ``c`` is ROI label value ``c+1``.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import StackedConvLayers, he_init_
+from .blocks import ConvNormAct, StackedConvLayers, he_init_
 from .config import NetworkConfig
 from .cross_attention import WindowCrossAttentionFusion
 from .dino_branch import DinoAdaptor
@@ -108,9 +108,12 @@ class CDPDNet(nn.Module):
             for u in range(n)
         ])
         heads = [widths[n - 1 - u] for u in range(n)] if cfg.reference_dead_modules else [widths[0]]
+        # optional non-linear head (CPU presets): [B, widths[0], *P] -> [B, head_hidden, *P] before the 1x1x1 conv
+        self.head_hidden = (ConvNormAct(widths[0], cfg.head_hidden, (1, 1, 1)) if cfg.head_hidden else nn.Identity())
+        heads[-1] = cfg.head_hidden or heads[-1]
         self.seg_outputs = nn.ModuleList([nn.Conv3d(c, cfg.num_classes, 1, bias=False) for c in heads])
         self.ttpg = TaskPromptGenerator(widths[n], cfg.num_tasks, cfg.text_proj_dim)
-        he_init_([self.stem, getattr(self, "unused_input_convs", nn.Identity()), self.encoder, self.upsample, self.decoder, self.seg_outputs, self.ttpg.intermedia_conv,
+        he_init_([self.head_hidden, self.stem, getattr(self, "unused_input_convs", nn.Identity()), self.encoder, self.upsample, self.decoder, self.seg_outputs, self.ttpg.intermedia_conv,
                   self.ttpg.fusion_layer])
         if cfg.head_bias is not None:
             # a prior-logit bias (RetinaNet-style): starts near "mostly background", which short CPU runs need
@@ -179,4 +182,4 @@ class CDPDNet(nn.Module):
             skip = skips[-(u + 1)]
             x = self.upsample[u](x)
             x = self.decoder[u](torch.cat([x, self.skip_films[-(u + 1)](skip, organ)], 1))
-        return self.seg_outputs[-1](x)
+        return self.seg_outputs[-1](self.head_hidden(x))

@@ -38,6 +38,9 @@ class NetworkConfig:
     text_proj_dim: int = 256
     reference_dead_modules: bool = False
     head_bias: float | None = None  # None: no bias (reference); a value: a bias initialised to this prior logit
+    # None: the reference's linear 1x1x1 head; a width: a 1x1x1 ConvNormAct of that width before it, so a
+    # narrow last stage (CPU presets) separates 32 overlapping classes non-linearly
+    head_hidden: int | None = None
 
     @property
     def num_pool(self) -> int:
@@ -62,6 +65,8 @@ class NetworkConfig:
         if any(not 1 <= s < self.num_pool for s in self.fusion_stages):
             raise ValueError(f"fusion_stages must lie in 1..{self.num_pool - 1}")
         w = self.widths()
+        if self.head_hidden is not None and self.head_hidden < 1:
+            raise ValueError(f"head_hidden must be a positive width or null, got {self.head_hidden}")
         if any(w[s] % self.attn_heads for s in self.fusion_stages):
             raise ValueError("fusion stage widths must be divisible by attn_heads")
 

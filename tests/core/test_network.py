@@ -160,3 +160,21 @@ def test_preset_files_inherit_and_state_only_differences(tmp_path):
     (tmp_path / "orphan.json").write_text(json.dumps({"name": "x", "inherits_from": "no-such-preset"}))
     with pytest.raises(ValueError, match="unknown preset 'no-such-preset'"):
         load_preset(tmp_path / "orphan.json")
+
+
+def test_head_hidden_adds_a_nonlinear_head_and_default_is_the_reference_head():
+    """``network.head_hidden``: 1x1x1 ConvNormAct (width h) before the class conv; None keeps the linear head."""
+    base = dict(load_preset("tiny").network.to_dict())
+    ref = CDPDNet(NetworkConfig.from_dict(base))
+    assert not any(k.startswith("head_hidden") for k in ref.state_dict())  # old checkpoints still load
+    net = CDPDNet(NetworkConfig.from_dict(dict(base, head_hidden=16)))
+    c0 = ref.cfg.widths()[0]
+    assert count(net) - count(ref) == (c0 * 16 + 16) + 2 * 16 + (16 - c0) * 32  # conv, norm affine, wider class conv
+    assert net.seg_outputs[-1].in_channels == 16
+    x = torch.rand(2, 1, 16, 32, 32)
+    feats = [torch.rand(2, base["dino_dim"], 14, 2, 2) for _ in base["fusion_stages"]]
+    with torch.no_grad():
+        y = net(x, feats, torch.tensor([0, 1]))
+    assert y.shape == (2, 32, 16, 32, 32) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="head_hidden must be a positive width"):
+        NetworkConfig.from_dict(dict(base, head_hidden=0))
