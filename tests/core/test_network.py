@@ -41,7 +41,7 @@ def test_paper_dino_is_vit_b14_without_loading_weights():
 def test_forward_shapes(preset, dino):
     p = load_preset(preset)
     model = build_model(p, num_tasks=4, dino=dino)
-    x = torch.rand(2, 1, *p.patch_size)
+    x = torch.rand(2, p.network.in_channels, *p.patch_size)  # lite-wide: soft-tissue and lung windows
     feats = model.dino(x)
     used = (p.patch_size[0] // p.network.dino_group) * p.network.dino_group
     assert len(feats) == len(p.network.fusion_stages)
