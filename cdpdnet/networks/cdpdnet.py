@@ -14,10 +14,11 @@ bottleneck                 StackedConvLayers                           ``[B, 320
 psi_organ                  TextFiLM(bottleneck, organ text)
 TTPG                       TaskPromptGenerator -> one channel per sample, concatenated: 321 channels
 decoder u = 0..4           ConvT -> cat(psi(skip)) -> StackedConvLayers  ... ``[B, 32, 96^3]``
-head                       [ConvNormAct 1x1x1 if head_hidden] Conv3d 1x1x1, no bias                      ``[B, 32, 96, 96, 96]`` logits
+head                       [ConvNormAct 1x1x1] Conv3d 1x1x1, no bias   ``[B, 32, 96, 96, 96]`` logits
 =========================  ==========================================  =========================
 
 The network is multi-label: apply a sigmoid per channel; channel ``c`` is ROI label value ``c+1``.
+The bracketed ConvNormAct exists only with ``head_hidden`` set (CPU presets; null in ``paper``).
 """
 
 from __future__ import annotations
