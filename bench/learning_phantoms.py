@@ -7,6 +7,8 @@ Both are evaluated on fully labelled held-out phantoms (Dice per ROI); a Markdow
 and written to ``--out``. Usage::
 
     HF_HUB_OFFLINE=1 python bench/learning_phantoms.py --minutes 20 --out runs/bench-learning
+    HF_HUB_OFFLINE=1 python bench/learning_phantoms.py --out runs/bench-learning --rescore  # no training:
+        # score the models in --out again (after a post-processing change): report-rescored.md
 
 The learning rate follows the ``budget`` schedule: warm-up, then cosine to 0 at the end of the budget.
 """
@@ -61,16 +63,25 @@ def main() -> None:
     ap.add_argument("--preset", default="lite", help="preset name or JSON file (default lite)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation, sampling, crops)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="do not train: evaluate the models already in --out on its held-out phantoms again")
     a = ap.parse_args()
-
-    import numpy as np
 
     from cdpdnet.data import load_datalist
     from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
-    from cdpdnet.taxonomy import ROIS
     from cdpdnet.training import TrainConfig, Trainer
 
     out = Path(a.out)
+    if a.rescore:
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
+        meta = json.loads((out / "results.json").read_text())["meta"]
+        dl = load_datalist(out / "phantoms" / "dataset.json")
+        results = {loss: evaluate(str(out / loss / "model.pt"), dl.test) for loss in meta
+                   if a.only is None or loss == a.only}
+        meta = {loss: meta[loss] for loss in results}
+        _report(out, results, meta, suffix="-rescored")  # the training run's own report stays
+        return
     data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))
     dl = load_datalist(data)
     results, meta = {}, {}
@@ -84,6 +95,14 @@ def main() -> None:
                       "iterations": _iterations(out / loss), "last_loss": summary["last_loss"]}
         results[loss] = evaluate(summary["model"], dl.test)
         print(loss, json.dumps(meta[loss]), flush=True)
+    _report(out, results, meta)
+
+
+def _report(out: Path, results: dict, meta: dict, suffix: str = "") -> None:
+    import numpy as np
+
+    from cdpdnet.phantoms import PHANTOM_SOURCES
+    from cdpdnet.taxonomy import ROIS
 
     # ROIs annotated by a single source: what most sites leave unlabelled
     n_sources = {r.name: sum(r.name in v for v in PHANTOM_SOURCES.values()) for r in ROIS}
@@ -106,8 +125,8 @@ def main() -> None:
                      f"per held-out phantom" for c in cols)
     report = f"{table}\n\n{info}\n"
     print(report)
-    (out / "report.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"results": results, "meta": meta}, indent=2, default=float))
+    (out / f"report{suffix}.md").write_text(report)
+    (out / f"results{suffix}.json").write_text(json.dumps({"results": results, "meta": meta}, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,37 @@ def test_single_lung_requested_alone():
     np.testing.assert_array_equal(out[17], low_x.astype(bool))
 
 
+def test_femur_heads_split_by_side():
+    """A left-femur channel that fires on both heads keeps the left one (largest_cc kept the larger, right one)."""
+    low_x, high_x = lungs()  # low axis-0 index = patient's left in RAS; the right block is larger
+    out = postprocess_masks({23: low_x | high_x, 24: high_x})
+    np.testing.assert_array_equal(out[23], low_x.astype(bool))
+    np.testing.assert_array_equal(out[24], high_x.astype(bool))
+    ref = postprocess_masks({23: low_x | high_x, 24: high_x}, rules=REFERENCE_RULES)
+    np.testing.assert_array_equal(ref[23], high_x.astype(bool))  # the reference's largest_cc: wrong side
+
+
+def test_gallbladder_keeps_the_component_next_to_the_liver():
+    liver = box((2, 2, 8), (12, 12, 16))
+    gallbladder = box((6, 12, 9), (9, 14, 12))  # touches the liver
+    bladder = box((4, 4, 0), (14, 14, 4))  # larger, 4 voxels (24 mm at 6 mm) below the liver
+    out = postprocess_masks({6: liver, 4: gallbladder | bladder}, spacing=(6.0, 6.0, 6.0))
+    np.testing.assert_array_equal(out[4], gallbladder.astype(bool))
+    # no liver requested, an empty liver, or nothing near the liver: the largest component, as before
+    for masks in ({4: gallbladder | bladder}, {6: np.zeros(SHAPE, np.uint8), 4: gallbladder | bladder},
+                  {6: liver, 4: bladder | box((20, 17, 0), (22, 19, 2))}):
+        np.testing.assert_array_equal(postprocess_masks(masks, spacing=(6.0, 6.0, 6.0))[4], bladder.astype(bool))
+    # the margin is in millimetres: at 1.5 mm the bladder lies 6 mm from the liver, within 10 mm
+    np.testing.assert_array_equal(postprocess_masks({6: liver, 4: gallbladder | bladder})[4], bladder.astype(bool))
+
+
+def test_inference_requests_the_liver_for_the_gallbladder_and_both_femur_heads():
+    from cdpdnet.inference import required_channels
+
+    assert required_channels([4]) == [4, 6]
+    assert required_channels([23]) == [23, 24]
+
+
 def test_tumour_outside_host_removed_inside_kept():
     liver = box((2, 2, 2), (12, 12, 12))
     inside = box((4, 4, 4), (7, 7, 7))
