@@ -25,7 +25,7 @@ from monai.transforms import SpatialResample
 from .device import memory_format, use_bf16
 from .factory import LoadedModel, model_from_checkpoint
 from .imageio import load_image, save_label_map, validate_image
-from .postprocess import DEFAULT_RULES, postprocess_masks
+from .postprocess import DEFAULT_RULES, merge_order, postprocess_masks
 from .preprocessing import preprocess_transforms
 from .taxonomy import NUM_CLASSES, ROIS, roi
 
@@ -151,9 +151,8 @@ class Segmenter:
         t["postprocess"] = time.perf_counter()
 
         model_affine = np.asarray(x.affine, dtype=np.float64)
-        order = sorted(wanted, key=lambda r: (ROIS[r - 1].is_lesion, r))  # merge_to_label_map's priority
         out = np.zeros(orig_shape, dtype=np.uint8)
-        for c in order:
+        for c in merge_order(wanted):
             mask = self._to_input_grid(logits[channels.index(c)], masks[c], model_affine, orig_affine, orig_shape)
             if mask is not None:
                 out[mask[0]][mask[1]] = c

@@ -5,6 +5,7 @@ from cdpdnet.postprocess import (
     DEFAULT_RULES,
     REFERENCE_RULES,
     axis_direction,
+    merge_order,
     merge_to_label_map,
     postprocess_masks,
     split_label_map,
@@ -218,6 +219,15 @@ def test_merge_lesions_over_organs_and_split():
     assert set(parts) == {6, 27} and parts[27].sum() == 8 - 1
     assert set(split_label_map(label)) == {1, 6, 27, 29}
     assert not merge_to_label_map({}, SHAPE).any()
+
+
+def test_merge_paints_duodenum_over_small_bowel_and_oesophagus_over_stomach():
+    bowel, duodenum = box((2, 2, 2), (12, 12, 12)), box((4, 4, 4), (6, 6, 6))
+    stomach, oesophagus = box((14, 2, 2), (20, 8, 8)), box((15, 3, 3), (17, 5, 5))
+    label = merge_to_label_map({19: bowel, 14: duodenum, 7: stomach, 5: oesophagus}, SHAPE)
+    assert label[5, 5, 5] == 14 and label[3, 3, 3] == 19
+    assert label[16, 4, 4] == 5 and label[19, 7, 7] == 7
+    assert merge_order([19, 27, 14, 1]) == [1, 19, 14, 27]  # lesions still last
 
 
 def test_components_of_masks_one_voxel_thick():
