@@ -173,7 +173,8 @@ class _CaseCache:
 def crop_policy(preset: Preset) -> str:
     """``train.crop`` of a preset: ``"posneg"`` (the reference's pos/neg and lesion-class crops) or
     ``"classes"`` (class-balanced: each crop centred on a voxel of an annotated ROI drawn uniformly,
-    or on background with weight ``train.background_ratio``)."""
+    or on background with weight ``train.background_ratio``; lesion ROIs weigh ``train.lesion_ratio``,
+    default 1)."""
     policy = preset.train.get("crop", "posneg")
     if policy not in ("posneg", "classes"):
         raise ValueError(f"unknown crop policy train.crop={policy!r}: use 'posneg' or 'classes'")
@@ -189,6 +190,7 @@ class _RandomCrops:
         keys = ["image", "label"]
         self.policy = crop_policy(preset)
         self.background_ratio = float(t.get("background_ratio", 1.0))
+        self.roi_weights = np.array([float(t.get("lesion_ratio", 1.0)) if r.is_lesion else 1.0 for r in ROIS])
         self.balanced = RandCropByLabelClassesd(keys, "label", patch, ratios=[1.0] * (NUM_CLASSES + 1),
                                                 num_classes=NUM_CLASSES + 1, num_samples=num_samples,
                                                 indices_key="label_indices", allow_smaller=True, warn=False)
@@ -211,7 +213,7 @@ class _RandomCrops:
         lesions = any(ROIS[v - 1].is_lesion for v in np.flatnonzero(annotated) + 1)
         if self.policy == "classes":
             # ROIs without voxels in this case get no crops (MONAI drops empty classes from the ratios)
-            self.balanced.cropper.ratios = [self.background_ratio] + [float(a) for a in annotated]
+            self.balanced.cropper.ratios = [self.background_ratio] + [float(w) for w in annotated * self.roi_weights]
             crops = self.balanced({k: d[k] for k in ("image", "label", "label_indices")})
         elif lesions:
             crops = self.by_class({k: d[k] for k in ("image", "label", "classes")})

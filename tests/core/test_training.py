@@ -124,7 +124,7 @@ def test_budget_schedule_anneals_over_the_time_budget(phantoms, tmp_path, monkey
     assert all(g["lr"] == 0.0 for g in tr.optimizer.param_groups)
 
 
-def _crops_containing(policy: str, sample, roi_value: int, n: int = 24) -> float:
+def _crops_containing(policy: str, sample, roi_value: int, n: int = 24, lesion_ratio: float = 1.0) -> float:
     """Fraction of training crops (``tiny`` preset, crop policy ``policy``) that contain ROI ``roi_value``."""
     import numpy as np
 
@@ -132,7 +132,7 @@ def _crops_containing(policy: str, sample, roi_value: int, n: int = 24) -> float
     from cdpdnet.preset import load_preset
     from cdpdnet.training import _CaseCache, _RandomCrops
 
-    preset = load_preset("tiny", {"train": {"crop": policy, "background_ratio": 0.0}})
+    preset = load_preset("tiny", {"train": {"crop": policy, "background_ratio": 0.0, "lesion_ratio": lesion_ratio}})
     d = _CaseCache(preset)({"image": sample.image, "label": sample.label})
     d.update(annotated=annotated_vector(sample.annotated), task_id=0)
     crops = _RandomCrops(preset, num_samples=n, seed=0)(d)
@@ -153,3 +153,30 @@ def test_class_balanced_crops_reach_small_rois(phantoms):
     assert balanced >= 0.4 and balanced > posneg
     with pytest.raises(ValueError, match="crop policy"):
         _crops_containing("everything", sample, adrenal)
+
+
+def test_lesion_ratio_weights_crops_towards_lesions(phantoms):
+    """``train.lesion_ratio`` > 1 centres more of the class-balanced crops on annotated lesions."""
+    import numpy as np
+
+    from cdpdnet.data import annotated_vector
+    from cdpdnet.preset import load_preset
+    from cdpdnet.taxonomy import roi
+    from cdpdnet.training import _CaseCache, _RandomCrops
+
+    _, dl = phantoms
+    s = next(x for x in dl.training if x.source == "phantom_kidney")
+    lesions = [roi("kidney_tumor").index, roi("kidney_cyst").index]
+    annotated = annotated_vector([roi(n).index for n in ("kidney_right", "kidney_left", "kidney_tumor", "kidney_cyst")])
+
+    def with_lesion(lesion_ratio: float) -> float:  # small crops: holding a lesion ~ centred on one
+        preset = load_preset("tiny", {"patch_size": [16, 8, 8],
+                                      "train": {"crop": "classes", "background_ratio": 0.0, "lesion_ratio": lesion_ratio}})
+        d = _CaseCache(preset)({"image": s.image, "label": s.label})
+        d.update(annotated=annotated, task_id=0)
+        crops = _RandomCrops(preset, num_samples=128, seed=0)(d)
+        return float(np.mean([any(bool(c["target"][v - 1].any()) for v in lesions) for c in crops]))
+
+    plain, weighted = with_lesion(1.0), with_lesion(8.0)
+    # centred on a lesion: 2 of 4 crops, then 16 of 18; the crops without a lesion at least halve
+    assert 1.0 - weighted < 0.5 * (1.0 - plain), (plain, weighted)
