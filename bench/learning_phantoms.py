@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def evaluate(model_path: str, samples) -> dict[str, list[float]]:
+def evaluate(model_path: str, samples, threshold: float | None = None) -> dict[str, list[float]]:
     import numpy as np
 
     from cdpdnet.imageio import load_image
@@ -32,7 +32,7 @@ def evaluate(model_path: str, samples) -> dict[str, list[float]]:
     from cdpdnet.metrics import dice
     from cdpdnet.taxonomy import ROIS
 
-    seg = Segmenter(model_path)
+    seg = Segmenter(model_path, threshold=threshold)
     per: dict[str, list[float]] = {r.name: [] for r in ROIS}
     times = []
     for s in samples:
@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation, sampling, crops)")
     ap.add_argument("--rescore", action="store_true",
                     help="do not train: evaluate the models already in --out on its held-out phantoms again")
+    ap.add_argument("--threshold", type=float, help="with --rescore: this threshold instead of the checkpoint preset's")
+    ap.add_argument("--test-data", help="with --rescore: the test split of this dataset.json instead of --out's phantoms "
+                                        "(e.g. fresh held-out phantoms: python -m cdpdnet phantoms DIR --per-source 0 "
+                                        "--heldout 4 --seed 7)")
     a = ap.parse_args()
 
     from cdpdnet.data import load_datalist
@@ -76,11 +80,12 @@ def main() -> None:
         if not (out / "results.json").is_file():
             raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
         meta = json.loads((out / "results.json").read_text())["meta"]
-        dl = load_datalist(out / "phantoms" / "dataset.json")
-        results = {loss: evaluate(str(out / loss / "model.pt"), dl.test) for loss in meta
+        dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
+        results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold) for loss in meta
                    if a.only is None or loss == a.only}
         meta = {loss: meta[loss] for loss in results}
-        _report(out, results, meta, suffix="-rescored")  # the training run's own report stays
+        tag = "-rescored" + (f"-t{a.threshold:g}" if a.threshold else "") + ("-" + Path(a.test_data).parent.name if a.test_data else "")
+        _report(out, results, meta, suffix=tag)  # the training run's own report stays
         return
     data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))
     dl = load_datalist(data)

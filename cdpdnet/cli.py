@@ -13,10 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EPILOG = """\
 examples:
   python -m cdpdnet phantoms data/phantoms                      # synthetic partially labelled CTs
-  python -m cdpdnet train --data data/phantoms/dataset.json --preset lite --out runs/lite
-  python -m cdpdnet infer --model runs/lite/model.pt --input ct.nii.gz --output ct_seg.nii.gz
-  python -m cdpdnet infer --model runs/lite/model.pt --input ct.nii.gz --output seg.nii.gz --rois liver,"liver tumour"
-  python -m cdpdnet evaluate --model runs/lite/model.pt --data data/phantoms/dataset.json --split test
+  python -m cdpdnet train --data data/phantoms/dataset.json --preset lite-wide --out runs/lite-wide
+  python -m cdpdnet infer --model runs/lite-wide/model.pt --input ct.nii.gz --output ct_seg.nii.gz
+  python -m cdpdnet infer --model runs/lite-wide/model.pt --input ct.nii.gz --output seg.nii.gz --rois liver,"liver tumour"
+  python -m cdpdnet evaluate --model runs/lite-wide/model.pt --data data/phantoms/dataset.json --split test
   python -m cdpdnet map-labels "Kidney_R" "IVC" "gall bladder" --embed
   python -m cdpdnet presets
 """
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train or fine-tune on a (partially labelled) datalist")
     s.add_argument("--data", required=True, help="dataset.json (ours or Medical Segmentation Decathlon) or a folder")
-    s.add_argument("--preset", default="lite", help="lite (CPU), paper (GPU), tiny (tests) or a preset JSON")
+    s.add_argument("--preset", default="lite-wide", help="lite-wide (CPU, the default), lite (CPU, the first one), paper (GPU), tiny (tests) or a preset JSON")
     s.add_argument("--out", required=True, help="run folder: last.pt (resumable), model.pt, metrics.jsonl")
     s.add_argument("--epochs", type=int, help="default: the preset's")
     s.add_argument("--iterations", type=int, help="iterations per epoch (default: the preset's)")

@@ -147,7 +147,12 @@ class Segmenter:
         masks = {c: (logits[i] > cut).cpu().numpy().astype(np.uint8) for i, c in enumerate(channels)}
         if self.do_postprocess:
             spacing = [float(s) for s in self.preset.preprocess["spacing"]]
-            masks = postprocess_masks(masks, spacing=spacing, axcodes=self.preset.preprocess.get("orientation", "RAS"))
+
+            def confidence(c: int) -> np.ndarray:  # ranks components: probability above the threshold
+                return (torch.sigmoid(logits[channels.index(c)].float()) - self.threshold).clamp_min(0).cpu().numpy()
+
+            masks = postprocess_masks(masks, spacing=spacing, axcodes=self.preset.preprocess.get("orientation", "RAS"),
+                                      weights=confidence)
         t["postprocess"] = time.perf_counter()
 
         model_affine = np.asarray(x.affine, dtype=np.float64)

@@ -176,21 +176,36 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return labels, counts, np.asarray(stats["centroids"])
 
 
+def _component_weights(labels: np.ndarray, counts: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Per component: the sum of ``weights`` over its voxels (its voxel count when ``weights`` is None)."""
+    if weights is None:
+        return counts
+    w = np.bincount(labels.ravel(), weights=np.asarray(weights, dtype=np.float64).ravel(), minlength=len(counts))
+    w = w[: len(counts)]
+    w[0] = 0.0
+    w[(counts > 0) & (w <= 0)] = 1e-12  # a component without weight still ranks above none
+    return w
+
+
 def _largest_labels(counts: np.ndarray, k: int) -> list[int]:
     """Labels of the ``k`` largest components, largest first; ties go to the lower label."""
     order = np.argsort(-counts, kind="stable")[:k]
     return [int(i) for i in order if counts[i] > 0]
 
 
-def top_k_components(mask: np.ndarray, k: int = 1) -> np.ndarray:
-    """The ``k`` largest 26-connected components of ``mask`` as a new ``bool`` array."""
+def top_k_components(mask: np.ndarray, k: int = 1, weights: np.ndarray | None = None) -> np.ndarray:
+    """The ``k`` largest 26-connected components of ``mask`` as a new ``bool`` array.
+
+    With ``weights`` (an array of ``mask``'s shape) a component's size is the sum of its voxels' weights.
+    """
     mask = _as_bool(mask)
     out = np.zeros(mask.shape, dtype=bool)
     box = _bbox(mask)
     if box is None or k <= 0:
         return out
     labels, counts, _ = _components(mask[box])
-    out[box] = np.isin(labels, _largest_labels(counts, k))
+    size = _component_weights(labels, counts, None if weights is None else np.asarray(weights)[box])
+    out[box] = np.isin(labels, _largest_labels(size, k))
     return out
 
 
@@ -229,6 +244,7 @@ class _Context:
     axcodes: str
     host_margin_mm: float
     host_closing_mm: float
+    weights: Callable[[int], np.ndarray | None] = lambda roi: None
 
 
 def _rule_none(roi, masks, done, ctx):
@@ -236,7 +252,7 @@ def _rule_none(roi, masks, done, ctx):
 
 
 def _rule_largest_cc(roi, masks, done, ctx, k: int = 1):
-    return {roi: top_k_components(masks[roi], k)}
+    return {roi: top_k_components(masks[roi], k, ctx.weights(roi))}
 
 
 def _rule_largest_near(roi, masks, done, ctx, near: int, margin_mm: float = 10.0):
@@ -253,7 +269,9 @@ def _rule_largest_near(roi, masks, done, ctx, near: int, margin_mm: float = 10.0
     touching = np.unique(labels[zone & (labels > 0)])
     if touching.size == 0:
         return _rule_largest_cc(roi, masks, done, ctx)
-    out[box] = labels == int(touching[np.argmax(counts[touching])])
+    w = ctx.weights(roi)
+    size = _component_weights(labels, counts, None if w is None else np.asarray(w)[box])
+    out[box] = labels == int(touching[np.argmax(size[touching])])
     return {roi: out}
 
 
@@ -332,6 +350,7 @@ def postprocess_masks(
     axcodes: str = "RAS",
     host_margin_mm: float = 3.0,
     host_closing_mm: float = 3.0,
+    weights: Callable[[int], np.ndarray | None] | Mapping[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
     """Post-process the predicted binary masks ``{label value: [X, Y, Z] mask}``.
 
@@ -339,8 +358,20 @@ def postprocess_masks(
     each a new ``bool`` array (inputs are never modified). ``spacing`` is the voxel size in mm along
     the array axes, ``axcodes`` the orientation of the array axes (see the module docstring).
     ROIs without a rule in ``rules`` are copied unchanged.
+
+    ``weights`` ranks an organ's components (rules ``largest_cc`` and ``largest_near``): per ROI an
+    array of the masks' shape (a mapping, or a function called one ROI at a time so that only one
+    such array exists at once), and a component's size is the sum of its voxels' weights. The
+    :class:`~cdpdnet.inference.Segmenter` passes the probability above the threshold, so a confident
+    organ outranks a larger, fainter false positive. Default: voxel counts (the reference).
     """
-    ctx = _Context(tuple(float(s) for s in spacing), axcodes, float(host_margin_mm), float(host_closing_mm))
+    if weights is None:
+        weigh = _Context.weights
+    elif callable(weights):
+        weigh = weights
+    else:
+        weigh = lambda roi: weights.get(roi)  # noqa: E731
+    ctx = _Context(tuple(float(s) for s in spacing), axcodes, float(host_margin_mm), float(host_closing_mm), weigh)
     shapes = {np.shape(m) for m in masks.values()}
     if len(shapes) > 1:
         raise ValueError(f"all masks must have the same shape, got {sorted(shapes)}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Make the demo model: train the ``lite`` preset on the demo datalist (real CTs + phantoms) on the CPU.
+"""Make the demo model: train the ``lite-wide`` preset on the demo datalist (real CTs + phantoms) on the CPU.
 
 The result is cached outside git (``${CDPDNET_CACHE:-~/.cache/cdpdnet}/models/``) under a key made
 of the datalist, the preset and this code, so a second run reuses it at once. ``--install PATH``
@@ -35,7 +35,7 @@ def cache_key(datalist: Path, preset: str, minutes: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", default="data/demo/datalist.json")
-    ap.add_argument("--preset", default="lite")
+    ap.add_argument("--preset", default="lite-wide")
     ap.add_argument("--minutes", type=float, default=20.0, help="training time budget (default 20)")
     ap.add_argument("--install", help="copy the model here (e.g. apps/cdpdnet/model/pretrained_cdpdnet.pt)")
     ap.add_argument("--force", action="store_true", help="train again even if a cached model exists")

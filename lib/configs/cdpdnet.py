@@ -42,7 +42,7 @@ class CDPDNet(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         conf = conf or {}
-        self.preset = str(conf.get("preset", "lite"))
+        self.preset = str(conf.get("preset", "lite-wide"))
         self.use_pretrained = bool(strtobool(str(conf.get("use_pretrained_model", "true"))))
         self.create_untrained = bool(strtobool(str(conf.get("create_untrained_model", "true"))))
         self.device = resolve_device(conf.get("device", "auto"))

@@ -153,7 +153,7 @@ def _num(req: dict, key: str, kind, lo: float, hi: float | None = None):
 
 
 class CDPDNetTrain(TrainTask):
-    def __init__(self, store: ModelStore, preset: str = "lite", device: str = "cpu", description: str | None = None):
+    def __init__(self, store: ModelStore, preset: str = "lite-wide", device: str = "cpu", description: str | None = None):
         super().__init__(description or "Fine-tune CDPDNet on the datastore's final labels (partial labels: each "
                                         "label trains only the ROIs annotated in it)")
         self.store = store

@@ -124,6 +124,29 @@ def test_gallbladder_keeps_the_component_next_to_the_liver():
     np.testing.assert_array_equal(postprocess_masks({6: liver, 4: gallbladder | bladder})[4], bladder.astype(bool))
 
 
+def test_weights_rank_components_by_confidence():
+    """A larger but fainter false positive loses to a smaller, confident organ when weights are given."""
+    organ, faint = box((1, 1, 1), (5, 5, 5)), box((10, 10, 10), (16, 16, 16))  # 64 and 216 voxels
+    prob_above = np.where(organ, 0.55, np.where(faint, 0.1, 0.0))  # probability minus the threshold
+    np.testing.assert_array_equal(postprocess_masks({5: organ | faint})[5], faint.astype(bool))  # by voxel count
+    for w in ({5: prob_above}, lambda roi: prob_above if roi == 5 else None):
+        np.testing.assert_array_equal(postprocess_masks({5: organ | faint}, weights=w)[5], organ.astype(bool))
+    # the gallbladder's "largest near the liver" ranks by weight too; ROIs without weights keep counts
+    liver = box((0, 0, 0), (24, 20, 8))
+    near_small, near_big = box((2, 2, 8), (4, 4, 10)), box((10, 10, 8), (16, 16, 12))
+    w = {4: np.where(near_small, 0.5, np.where(near_big, 0.01, 0.0))}
+    out = postprocess_masks({6: liver, 4: near_small | near_big, 1: organ | faint}, spacing=(6.0, 6.0, 6.0), weights=w)
+    np.testing.assert_array_equal(out[4], near_small.astype(bool))
+    np.testing.assert_array_equal(out[1], faint.astype(bool))
+
+
+def test_lite_wide_threshold():
+    from cdpdnet.preset import load_preset
+
+    assert load_preset("lite-wide").infer["threshold"] == 0.4
+    assert load_preset("lite-wide").infer["overlap"] == load_preset("lite").infer["overlap"]  # the rest inherited
+
+
 def test_inference_requests_the_liver_for_the_gallbladder_and_both_femur_heads():
     from cdpdnet.inference import required_channels
 
