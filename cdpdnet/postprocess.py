@@ -82,6 +82,7 @@ __all__ = [
     "postprocess_masks",
     "merge_to_label_map",
     "merge_order",
+    "PAINT_AFTER",
     "split_label_map",
     "top_k_components",
     "axis_direction",
