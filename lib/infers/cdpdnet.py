@@ -58,6 +58,22 @@ def _truthy(v: Any) -> bool:
     return bool(v)
 
 
+
+def result_dir() -> str:
+    """The server's own folder for result files (0700, one per process, made again if a cleaner removed it).
+
+    MONAI Label sends a result under its file name and deletes the file after the response. A client on
+    the same machine (MONAILabelClient, by default) writes what it receives to ``<temp dir>/<that name>``:
+    were the server's file in the temp dir itself, the server's clean-up could delete the client's copy.
+    """
+    global _RESULT_DIR
+    if _RESULT_DIR is None or not os.path.isdir(_RESULT_DIR):
+        _RESULT_DIR = tempfile.mkdtemp(prefix="cdpdnet_results_")
+    return _RESULT_DIR
+
+
+_RESULT_DIR: str | None = None
+
 class _CDPDNetInferBase(InferTask):
     TYPE = "segmentation"
     DESCRIPTION = ""
@@ -175,7 +191,7 @@ class _CDPDNetInferBase(InferTask):
             label = out
         t_post = time.perf_counter()
 
-        fd, path = tempfile.mkstemp(prefix="cdpdnet_", suffix=ext)
+        fd, path = tempfile.mkstemp(prefix="cdpdnet_", suffix=ext, dir=result_dir())
         os.close(fd)
         affine = np.asarray(img.affine, dtype=np.float64)
         save_label_map(label, affine, path)

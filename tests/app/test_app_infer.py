@@ -196,3 +196,27 @@ def test_output_json_only(client):
     r = infer(client, "cdpdnet_prompt", "ph_unlabelled_a", {"label_prompt": [1]}, output="json")
     assert r.status_code == 200
     assert json.loads(r.content)["proposed_rois"] == ["spleen"]
+
+
+def test_result_files_live_in_the_servers_own_folder(client, monkeypatch):
+    """MONAI Label deletes a result file after sending it under its name; MONAILabelClient saves what it
+    receives as ``<temp dir>/<that name>``. A result written in the temp dir itself made the server's
+    clean-up delete the client's copy on the same machine (a flaky FileNotFoundError in CI)."""
+    import os
+    import tempfile
+
+    import monailabel.endpoints.infer as endpoint
+
+    removed = []
+    real_remove = endpoint.remove_file
+    monkeypatch.setattr(endpoint, "remove_file", lambda p: (removed.append(p), real_remove(p)))
+    for output in ("all", "image"):
+        r = infer(client, "cdpdnet", "ph_unlabelled_a", {}, output=output)
+        assert r.status_code == 200, r.text
+    assert len(removed) == 2
+    shared = os.path.realpath(tempfile.gettempdir())
+    for path in removed:
+        folder = os.path.dirname(os.path.realpath(path))
+        assert folder != shared and os.path.basename(folder).startswith("cdpdnet_results_"), path
+        assert not os.path.exists(path)  # still cleaned up
+        assert (os.stat(folder).st_mode & 0o777) == 0o700
