@@ -7,7 +7,8 @@ Sources (see docs/demo-data.md and section 3 of the offline-assets design note):
   TotalSegmentator *model output* label maps (its regression reference outputs, not manual
   annotation), a 20-slice CT DICOM series and a larger CT without labels.
 * ``pyradiomics==3.0.1`` sdist (BSD-3-Clause): ``data/lung{1,2}_{image,label}.nrrd``, two chest
-  CTs with one lung-lesion mask each (origin of the masks not stated).
+  CTs with one lung-lesion mask each (origin of the masks not stated). The lungs of ``lung2`` are
+  labelled here by threshold (:mod:`cdpdnet.threshold_lungs`), not by hand.
 
 What it writes under ``--out`` (default ``data/demo``)::
 
@@ -23,7 +24,8 @@ What it writes under ``--out`` (default ``data/demo``)::
     .fetch_manifest.json      sha256 of every written file and the recipe that made it (idempotency)
 
 The result is deliberately PARTIALLY labelled: each labelled image carries a different subset of
-the 32 ROIs, as the 11 source data sets of CDPDNet do.
+the 32 ROIs, as the 11 source data sets of CDPDNet do. ROIs outside a case's field of view (the
+pelvis of a chest CT) are annotated as absent: in its ``annotated`` list, with no voxels.
 
 Idempotent: downloads are cached under ``${CDPDNET_CACHE:-~/.cache/cdpdnet}/downloads`` and
 verified by sha256; extracted members under ``.../extracted``; an output file is only rewritten
@@ -51,7 +53,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -62,6 +64,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from cdpdnet.taxonomy import ROI_BY_NAME, ROIS, map_label_names, roi  # noqa: E402
+from cdpdnet.threshold_lungs import LUNG_THRESHOLD_HU, threshold_lung_masks  # noqa: E402
 
 # Bumped whenever the way outputs are built changes: every output is then rebuilt once.
 RECIPE_VERSION = 1
@@ -395,10 +398,17 @@ def roi_voxel_counts(seg: np.ndarray, value_to_roi: Mapping[int, int]) -> dict[s
     return out
 
 
-def choose_annotated(counts: Mapping[str, int], requested: Iterable[str], min_voxels: int = MIN_VOXELS) -> tuple[list[str], dict[str, int]]:
-    """The requested ROIs present with at least ``min_voxels`` voxels (taxonomy order), and the rest with their counts."""
+def choose_annotated(counts: Mapping[str, int], requested: Iterable[str], min_voxels: int = MIN_VOXELS,
+                     absent: Iterable[str] = ()) -> tuple[list[str], dict[str, int]]:
+    """The annotated ROIs (taxonomy order): the requested ones present with at least ``min_voxels``
+    voxels, plus the ``absent`` ones (outside the field of view, annotated with no voxels); and the
+    requested ROIs left out, with their counts. An "absent" ROI with voxels is an error."""
     req = [roi(n).name for n in requested]
-    keep = [r.name for r in ROIS if r.name in req and counts.get(r.name, 0) >= min_voxels]
+    gone = [roi(n).name for n in absent]
+    seen = {n: counts[n] for n in gone if counts.get(n, 0)}
+    if seen:
+        raise ValueError(f"ROIs declared absent are in the label map: {seen}")
+    keep = [r.name for r in ROIS if (r.name in req and counts.get(r.name, 0) >= min_voxels) or r.name in gone]
     skipped = {n: counts.get(n, 0) for n in req if n not in keep}
     return keep, skipped
 
@@ -434,6 +444,26 @@ def write_partial_label_nifti(seg_path: Path, out_path: Path, value_to_roi: Mapp
 
 
 # ---------------------------------------------------------------------------------------------
+# Lungs by threshold for a chest CT whose own label holds only a lesion
+
+
+def add_threshold_lungs(seg: np.ndarray, hu: np.ndarray, spacing: Sequence[float],
+                        lps_x_of: Callable[[np.ndarray], float]) -> tuple[np.ndarray, dict[int, int]]:
+    """``seg`` (a case's own binary mask) plus both lungs of :func:`threshold_lung_masks`: a label map
+    of values 1 (the own mask, painted last), 2 (right lung) and 3 (left lung), and the value -> ROI
+    map of the lungs. ``lps_x_of(mask)`` is a mask's mean LPS x in mm (+x is the patient's left); the
+    lung further left is the left lung, a lone lung is sided against the middle of the frame."""
+    out = np.zeros(seg.shape, np.uint8)
+    masks = threshold_lung_masks(hu, spacing)
+    xs = [lps_x_of(m) for m in masks]
+    middle = float(np.mean(xs)) if len(masks) == 2 else lps_x_of(np.ones(seg.shape, bool))
+    for m, x in zip(masks, xs):
+        out[m] = 3 if x > middle else 2
+    out[seg > 0] = 1
+    return out, {2: roi("lung_right").index, 3: roi("lung_left").index}
+
+
+# ---------------------------------------------------------------------------------------------
 # The cases
 
 
@@ -446,11 +476,18 @@ class Case:
     label: str | None = None
     source: str | None = None
     requested: tuple[str, ...] = ()
-    label_kind: str = "totalseg"  # "totalseg": TotalSegmentator class map; "binary": mask -> requested[0]
+    label_kind: str = "totalseg"  # "totalseg": TotalSegmentator class map; "binary": mask -> mask_roi
+    mask_roi: str = ""  # the ROI of a "binary" label's mask (default: requested[0])
+    threshold_lungs: bool = False  # also label both lungs with threshold_lung_masks (binary cases only)
+    # ROIs outside the field of view: annotated with no voxels, so the loss learns "none here" (a
+    # source map that labels one of them must hold none of it)
+    absent: tuple[str, ...] = ()
     why: str = ""
 
 
 RF = "tests/reference_files/"
+# The pelvic ROIs: outside the field of view of an upper-abdomen or a chest CT
+PELVIS = ("rectum", "urinary_bladder", "prostate", "femur_head_left", "femur_head_right")
 CASES: tuple[Case, ...] = (
     Case(
         "totalseg_example_ct_sm", TOTALSEG, RF + "example_ct_sm.nii.gz",
@@ -458,7 +495,9 @@ CASES: tuple[Case, ...] = (
         requested=("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas"),
         origin="TotalSegmentator 2.18.0 sdist, tests/reference_files/example_ct_sm.nii.gz (upper abdomen CT, 3 mm); "
         "label from example_seg.nii.gz = TotalSegmentator 'total' model output (regression reference), not manual",
-        why="upper-abdomen field of view: the solid abdominal organs, as labelled by TCIA Pancreas-CT / BTCV-like sources",
+        absent=PELVIS,
+        why="upper-abdomen field of view: the solid abdominal organs, as labelled by TCIA Pancreas-CT / BTCV-like sources; "
+        "the pelvic organs are annotated as absent (9 cm of upper abdomen)",
     ),
     Case(
         "totalseg_example_ct", TOTALSEG, RF + "example_ct.nii.gz",
@@ -473,10 +512,14 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "pyradiomics_lung2", PYRADIOMICS, "data/lung2_image.nrrd", label="data/lung2_label.nrrd",
-        source="pyradiomics_lung", requested=("lung_tumor",), label_kind="binary",
-        origin="pyradiomics 3.0.1 sdist, data/lung2_image.nrrd (chest CT, 0.63x0.63x5 mm); label data/lung2_label.nrrd, "
-        "a lung-lesion mask of unknown origin (pyradiomics test case)",
-        why="the only real tumour label available offline (MSD Task06-like source: lung_tumor only)",
+        source="pyradiomics_lung", requested=("lung_right", "lung_left", "lung_tumor"), label_kind="binary",
+        mask_roi="lung_tumor", threshold_lungs=True,
+        origin="pyradiomics 3.0.1 sdist, data/lung2_image.nrrd (chest CT, 0.63x0.63x5 mm); lung tumour from "
+        "data/lung2_label.nrrd, a lung-lesion mask of unknown origin (pyradiomics test case); both lungs by "
+        f"threshold_lung_masks ({LUNG_THRESHOLD_HU:g} HU threshold, connected components, not manual)",
+        absent=PELVIS,
+        why="the only real tumour label available offline, and the only whole chest with lung labels (the "
+        "TotalSegmentator CTs show the lung bases only); the pelvic organs are annotated as absent (a chest CT)",
     ),
     Case(
         "pyradiomics_lung1", PYRADIOMICS, "data/lung1_image.nrrd",
@@ -810,12 +853,24 @@ def build(out: Path, cache: Path, phantoms: int, phantom_heldout: int, phantom_s
             seg = sitk.GetArrayFromImage(lab_sitk)
             if set(value_counts(seg)) - {0, 1}:
                 raise SystemExit(f"{c.id}: expected a binary mask, got values {sorted(value_counts(seg))}")
-            value_to_roi = {1: roi(c.requested[0]).index}
+            value_to_roi = {1: roi(c.mask_roi or c.requested[0]).index}
+            if c.threshold_lungs:  # on [x, y, z] arrays (SimpleITK's are [z, y, x]) with SimpleITK's spacing
+                def lps_x(mask, im=lab_sitk):
+                    return im.TransformContinuousIndexToPhysicalPoint([float(v) for v in np.argwhere(mask).mean(axis=0)])[0]
+                hu = sitk.GetArrayFromImage(sitk.ReadImage(str(src_img))).T
+                lung_seg, lung_rois = add_threshold_lungs(seg.T, hu, lab_sitk.GetSpacing(), lps_x)
+                seg = np.ascontiguousarray(lung_seg.T)
+                value_to_roi.update(lung_rois)
         counts = roi_voxel_counts(seg, value_to_roi)
-        annotated, skipped = choose_annotated(counts, c.requested, min_voxels)
-        if not annotated:
+        try:
+            annotated, skipped = choose_annotated(counts, c.requested, min_voxels, c.absent)
+        except ValueError as e:
+            raise SystemExit(f"{c.id}: {e}") from None
+        present = [a for a in annotated if a not in c.absent]
+        if not present:
             raise SystemExit(f"{c.id}: none of the requested ROIs is present: {counts}")
-        recipe = outputs.recipe_of("label", base_recipe, c.label_kind, sorted(value_to_roi.items()), annotated)
+        recipe = outputs.recipe_of("label", base_recipe, c.label_kind, sorted(value_to_roi.items()), annotated,
+                                   *(["threshold-lungs-1", LUNG_THRESHOLD_HU] if c.threshold_lungs else []))
         if c.label_kind == "totalseg":
             outputs.ensure(lab_rel, recipe, lambda p: write_partial_label_nifti(src_lab, p, value_to_roi, annotated))
         else:
@@ -828,12 +883,12 @@ def build(out: Path, cache: Path, phantoms: int, phantom_heldout: int, phantom_s
         if lab_img.shape != img.shape or not np.allclose(lab_img.affine, img.affine, atol=1e-3):
             raise SystemExit(f"{c.id}: written label and image affines differ:\n{lab_img.affine}\n{img.affine}")
         written_vals = set(value_counts(np.asanyarray(lab_img.dataobj))) - {0}
-        if written_vals != {roi(a).index for a in annotated}:
-            raise SystemExit(f"{c.id}: written label holds {sorted(written_vals)}, expected {annotated}")
+        if written_vals != {roi(a).index for a in present}:
+            raise SystemExit(f"{c.id}: written label holds {sorted(written_vals)}, expected {present}")
         training.append({"image": img_rel, "label": lab_rel, "source": c.source, "annotated": annotated, "origin": c.origin})
         s = sources.setdefault(c.source, [])
         s.extend(a for a in annotated if a not in s)
-        info.update(role="training", source=c.source, annotated={a: counts[a] for a in annotated},
+        info.update(role="training", source=c.source, annotated={a: counts.get(a, 0) for a in annotated},
                     not_annotated_present={n: k for n, k in sorted(counts.items()) if n not in annotated},
                     requested_but_skipped=skipped)
         summary.append(info)
@@ -885,7 +940,9 @@ def provenance_text(min_voxels: int) -> str:
         "CT images and label maps from tests/reference_files/. Its organ labels are TotalSegmentator MODEL OUTPUTS (the "
         "reference outputs of its regression tests), not manual annotation. "
         f"{PYRADIOMICS.filename} (PyPI sdist of {PYRADIOMICS.requirement}, sha256 {PYRADIOMICS.sha256}; licence: "
-        f"{PYRADIOMICS.licence}): chest CTs and lung-lesion masks from data/; the masks' origin is unknown. "
+        f"{PYRADIOMICS.licence}): chest CTs and lung-lesion masks from data/; the masks' origin is unknown. The lungs of "
+        "pyradiomics_lung2 are labelled by a threshold algorithm (cdpdnet.threshold_lungs), not by hand. ROIs outside a "
+        "case's field of view may be annotated as absent (listed in 'annotated', no voxels). "
         "TotalSegmentator class names were mapped with cdpdnet.taxonomy.map_label_names plus the demo rules of the script "
         "(lung lobes -> lungs; whole femur NOT mapped to femur_head_*); unmapped classes were dropped. "
         f"Requested ROIs with fewer than {min_voxels} voxels are not annotated. Images keep their original affines "

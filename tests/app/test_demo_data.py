@@ -83,6 +83,18 @@ def test_choose_annotated_drops_absent_and_tiny():
     assert skipped == {"spleen": 10, "esophagus": 0}
 
 
+def test_rois_outside_the_field_of_view_are_annotated_with_no_voxels():
+    """An upper-abdomen CT annotates the pelvic ROIs as absent (the loss learns "none here"); one that
+    its own label map holds is refused."""
+    counts = {"liver": 1000, "urinary_bladder": 0}
+    keep, skipped = fetch.choose_annotated(counts, ["liver"], min_voxels=50, absent=["urinary_bladder", "femur_head_left"])
+    assert keep == ["liver", "urinary_bladder", "femur_head_left"] and skipped == {}
+    with pytest.raises(ValueError, match="declared absent.*urinary_bladder"):
+        fetch.choose_annotated({"liver": 1000, "urinary_bladder": 70}, ["liver"], absent=["urinary_bladder"])
+    assert {c.id: c.absent for c in fetch.CASES if c.absent} == {
+        "totalseg_example_ct_sm": fetch.PELVIS, "pyradiomics_lung2": fetch.PELVIS}
+
+
 def test_write_partial_label_nifti_keeps_grid_and_subset(tmp_path):
     aff = np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, 20], [0, 0, 2.0, -30], [0, 0, 0, 1]])
     rng = np.random.default_rng(0)
@@ -245,3 +257,20 @@ def test_make_demo_studies_rejects_duplicate_ids(fake_datalist):
     dl["unlabelled"].append({"image": "labels/case_a.nii.gz"})
     with pytest.raises(SystemExit):
         studies_mod.plan(dl, fake_datalist.parent)
+
+
+def test_add_threshold_lungs_sides_by_affine_and_keeps_the_lesion_on_top():
+    """The lesion-only chest CT gets both lungs: the one further to the patient's left (LPS +x) is
+    lung_left whatever the array order, and the case's own lesion mask is painted over them."""
+    sys.path.insert(0, str(REPO / "tests" / "core"))
+    from test_threshold_lungs import SPACING, chest
+
+    hu, right, left = chest()  # right lung at the larger axis-0 index (RAS order)
+    lesion = np.zeros(hu.shape, np.uint8)
+    lesion[105, 60, 35] = 1  # inside a lung
+    for lps_sign in (-1.0, 1.0):  # RAS order (LPS x falls with the index), then a mirrored affine
+        out, rois = fetch.add_threshold_lungs(lesion, hu, SPACING, lambda m, s=lps_sign: s * float(np.argwhere(m)[:, 0].mean()))
+        assert rois == {2: roi("lung_right").index, 3: roi("lung_left").index}
+        patient_left = left if lps_sign < 0 else right
+        assert out[105, 60, 35] == 1
+        assert (out[patient_left] == 3).mean() > 0.95 and (out[right if patient_left is left else left] == 2).mean() > 0.95
