@@ -151,7 +151,29 @@ def test_inference_requests_the_liver_for_the_gallbladder_and_both_femur_heads()
     from cdpdnet.inference import required_channels
 
     assert required_channels([4]) == [4, 6]
-    assert required_channels([23]) == [23, 24]
+    assert required_channels([23]) == [6, 23, 24]
+    assert required_channels([21]) == [6, 21] and required_channels([7]) == [6, 7]
+
+
+def test_pelvic_organs_below_the_liver_and_the_stomach_above_its_lowest_point():
+    """RAS: axis 2 grows towards the head. The liver spans z 20-29. A 'urinary bladder' blob at the
+    liver's level (the stomach of an upper-abdomen CT) is dropped even though it is the largest; the
+    one below is kept; the stomach keeps its component at the liver's level and loses the one in the
+    pelvis; the femur heads lose their blobs in the chest. Without a liver prediction nothing moves."""
+    shape = (24, 20, 40)
+    liver = box((2, 2, 20), (12, 12, 30), shape)
+    high = box((14, 2, 22), (22, 12, 32), shape)  # at the liver's level, large
+    low = box((8, 8, 2), (12, 12, 6), shape)  # in the pelvis, small
+    both = high | low
+    out = postprocess_masks({6: liver, 21: both, 7: both, 23: both, 24: box((0, 0, 0), (3, 3, 3), shape)},
+                            spacing=(3.0, 3.0, 3.0))
+    assert out[21][10, 10, 3] and not out[21][16, 5, 25]
+    assert out[7][16, 5, 25] and not out[7][10, 10, 3]
+    assert not (out[23] | out[24])[16, 5, 25]
+    alone = postprocess_masks({21: both}, spacing=(3.0, 3.0, 3.0))
+    assert alone[21][16, 5, 25] and not alone[21][10, 10, 3]  # largest component, as before
+    ref = postprocess_masks({6: liver, 21: both}, spacing=(3.0, 3.0, 3.0), rules=REFERENCE_RULES)
+    assert ref[21][16, 5, 25]  # the reference's rules keep the largest
 
 
 def test_tumour_outside_host_removed_inside_kept():
@@ -251,6 +273,15 @@ def test_merge_paints_duodenum_over_small_bowel_and_oesophagus_over_stomach():
     assert label[5, 5, 5] == 14 and label[3, 3, 3] == 19
     assert label[16, 4, 4] == 5 and label[19, 7, 7] == 7
     assert merge_order([19, 27, 14, 1]) == [1, 19, 14, 27]  # lesions still last
+
+
+def test_lungs_win_overlaps_with_other_organs():
+    """Painted last among the organs: a rectum channel firing on lung air (an unseen chest CT) does
+    not take the lung, while the lung tumour, a lesion, is still painted over the lung."""
+    lung, rectum, tumour = box((2, 2, 2), (12, 12, 12)), box((8, 8, 8), (16, 16, 16)), box((4, 4, 4), (6, 6, 6))
+    label = merge_to_label_map({20: rectum, 17: lung, 30: tumour, 18: box((0, 0, 0), (3, 3, 3))}, SHAPE)
+    assert label[10, 10, 10] == 17 and label[14, 14, 14] == 20 and label[5, 5, 5] == 30 and label[2, 2, 2] == 17
+    assert merge_order([16, 20, 17, 1, 30, 25]) == [1, 20, 25, 16, 17, 30]
 
 
 def test_components_of_masks_one_voxel_thick():
