@@ -4,7 +4,8 @@
 * uniform sampling over source datasets; per volume ``num_samples`` crops (``train.crop``): the
   reference's positive/negative crops around annotated foreground, or label-class crops weighted
   ``tumor_ratios`` (background, organ, lesion) for sources that annotate lesions; or class-balanced
-  crops centred on an annotated ROI drawn uniformly; optional rot90 and intensity shift;
+  crops centred on an annotated ROI drawn uniformly; optional zoom (the reference's, for chosen
+  sources), random rotation and scaling, rot90, contrast scaling and intensity shift;
 * loss: BCE + Dice over the (sample, annotated ROI) pairs only (:class:`cdpdnet.loss.PartialLabelLoss`),
   or the naive baseline that treats unannotated ROIs as background;
 * AdamW, linear warm-up + cosine schedule stepped once per epoch at its start (as the reference),
@@ -32,9 +33,12 @@ from monai.transforms import (
     LoadImaged,
     EnsureChannelFirstd,
     RandCropByLabelClassesd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandRotate90d,
+    RandScaleIntensityd,
     RandShiftIntensityd,
+    RandZoomd,
     SpatialPadd,
 )
 
@@ -200,13 +204,32 @@ class _RandomCrops:
         self.by_class = RandCropByLabelClassesd(keys, "classes", patch, ratios=t.get("tumor_ratios", [1, 1, 5]),
                                                 num_classes=3, num_samples=num_samples, allow_smaller=True,
                                                 warn=False)
+        # the reference's RandZoomd (MSD keys only): here on the crop, which keeps its centre voxel
+        zoom = t.get("zoom_range", [1.3, 1.5])
+        self.zoom = RandZoomd(keys, prob=t.get("zoom_prob", 0.0), min_zoom=zoom[0], max_zoom=zoom[1],
+                              mode=("area", "nearest"), keep_size=True)
+        self.zoom_sources = None if t.get("zoom_sources") is None else set(t["zoom_sources"])
+        # rotation (radians about each axis) and isotropic scaling, for unseen patients and scanners
+        scale = float(t.get("affine_scale", 0.0))
+        self.affine = RandAffined(keys, prob=t.get("affine_prob", 0.0), rotate_range=t.get("affine_rotate", [0.0, 0.0, 0.0]),
+                                  scale_range=[scale] * 3, mode=("bilinear", "nearest"), padding_mode="border")
         self.rot = RandRotate90d(keys, prob=t.get("rot90_prob", 0.1), max_k=3)
+        self.contrast = RandScaleIntensityd("image", factors=t.get("scale_intensity", 0.0),
+                                            prob=t.get("scale_intensity_prob", 0.0))
         self.shift = RandShiftIntensityd("image", offsets=t.get("shift_intensity", 0.1),
                                          prob=t.get("shift_intensity_prob", 0.2))
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
-        for tr in (self.posneg, self.by_class, self.balanced, self.rot, self.shift):
+        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.shift):
             tr.set_random_state(seed)
+
+    def augment(self, c: dict, source: str | None) -> dict:
+        """Spatial then intensity augmentation of one padded crop ``{"image", "label"}``."""
+        if self.zoom.prob > 0 and (self.zoom_sources is None or source in self.zoom_sources):
+            c = self.zoom(c)
+        if self.affine.prob > 0:
+            c = self.affine(c)
+        return self.shift(self.contrast(self.rot(c)))
 
     def __call__(self, d: dict) -> list[dict]:
         annotated = np.asarray(d["annotated"])
@@ -221,7 +244,7 @@ class _RandomCrops:
             crops = self.posneg({k: d[k] for k in ("image", "label")})
         out = []
         for c in crops:
-            c = self.shift(self.rot(self.pad({"image": c["image"], "label": c["label"]})))
+            c = self.augment(self.pad({"image": c["image"], "label": c["label"]}), d.get("source"))
             c["annotated"] = d["annotated"]
             c = self.to_channels(c)
             out.append({"image": torch.as_tensor(c["image"]).float(), "target": torch.as_tensor(np.asarray(c["target"])),

@@ -180,3 +180,51 @@ def test_lesion_ratio_weights_crops_towards_lesions(phantoms):
     plain, weighted = with_lesion(1.0), with_lesion(8.0)
     # centred on a lesion: 2 of 4 crops, then 16 of 18; the crops without a lesion at least halve
     assert 1.0 - weighted < 0.5 * (1.0 - plain), (plain, weighted)
+
+
+def _augmenter(train: dict):
+    from cdpdnet.preset import load_preset
+    from cdpdnet.training import _RandomCrops
+
+    return _RandomCrops(load_preset("tiny", {"patch_size": [24, 24, 24], "train": train}), num_samples=1, seed=0)
+
+
+def _cube_crop():
+    import torch
+
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, 8:16, 8:16, 8:16] = 6
+    image = label.float() / 6.0
+    return {"image": image, "label": label}
+
+
+def test_zoom_magnifies_only_the_chosen_sources():
+    """The reference's RandZoom (1.3-1.5, MSD keys only): an 8-voxel cube at the centre of a crop grows
+    to 10-12 voxels for a listed source and stays 8 for any other; the label stays a label."""
+    import numpy as np
+
+    aug = _augmenter({"zoom_prob": 1.0, "zoom_range": [1.3, 1.5], "zoom_sources": ["10_03"],
+                      "rot90_prob": 0.0, "shift_intensity_prob": 0.0})
+
+    def width(source):
+        lab = np.asarray(aug.augment(_cube_crop(), source)["label"])[0]
+        assert set(np.unique(lab)) == {0, 6} and lab.shape == (24, 24, 24)
+        return int((lab[:, 12, 12] == 6).sum())
+
+    assert width("01") == 8
+    assert 10 <= width("10_03") <= 12
+
+
+def test_affine_and_contrast_augmentation_keep_labels_and_shapes():
+    """Rotation/scaling moves label and image together (nearest for the label, no new values);
+    contrast scaling changes intensities only."""
+    import numpy as np
+
+    aug = _augmenter({"affine_prob": 1.0, "affine_rotate": [0.0, 0.0, 0.5], "affine_scale": 0.2,
+                      "scale_intensity": 0.3, "scale_intensity_prob": 1.0, "rot90_prob": 0.0, "shift_intensity_prob": 0.0})
+    out = aug.augment(_cube_crop(), "01")
+    img, lab = np.asarray(out["image"])[0], np.asarray(out["label"])[0]
+    assert img.shape == lab.shape == (24, 24, 24) and set(np.unique(lab)) <= {0, 6}
+    assert abs(int((lab == 6).sum()) - 512) < 512 * 0.8 and not np.array_equal(lab == 6, np.asarray(_cube_crop()["label"])[0] == 6)
+    inside = img[lab == 6]
+    assert inside.size and 0.7 - 1e-6 <= np.median(inside) <= 1.3 + 1e-6 and np.median(inside) != 1.0
