@@ -25,6 +25,8 @@ def cache_key(datalist: Path, preset: str, minutes: float) -> str:
     h = hashlib.sha256()
     h.update(datalist.read_bytes())
     h.update(f"{preset}|{minutes}".encode())
+    if Path(preset).suffix == ".json" and Path(preset).is_file():  # a preset file (e.g. bench/presets/...)
+        h.update(Path(preset).read_bytes())
     for sub in ("networks", "training.py", "data", "loss.py", "presets", "phantoms.py"):
         p = REPO / "cdpdnet" / sub
         for f in sorted(p.rglob("*.py") if p.is_dir() else [p]) + sorted(p.rglob("*.json") if p.is_dir() else []):
@@ -35,7 +37,7 @@ def cache_key(datalist: Path, preset: str, minutes: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", default="data/demo/datalist.json")
-    ap.add_argument("--preset", default="lite-wide")
+    ap.add_argument("--preset", default="lite-wide", help="a preset name or JSON file (default lite-wide)")
     ap.add_argument("--minutes", type=float, default=20.0, help="training time budget (default 20)")
     ap.add_argument("--install", help="copy the model here (e.g. apps/cdpdnet/model/pretrained_cdpdnet.pt)")
     ap.add_argument("--force", action="store_true", help="train again even if a cached model exists")
@@ -51,13 +53,14 @@ def main() -> int:
         return 2
     cache = Path(os.environ.get("CDPDNET_CACHE", Path.home() / ".cache" / "cdpdnet")) / "models"
     key = cache_key(datalist, a.preset, a.minutes)
-    model = cache / f"demo-{a.preset}-{key}.pt"
+    name = Path(a.preset).stem if Path(a.preset).suffix == ".json" else a.preset
+    model = cache / f"demo-{name}-{key}.pt"
     if model.is_file() and not a.force:
         print(f"demo model: reusing {model}")
     else:
         dl = load_datalist(datalist)
         print(dl.report())
-        run = cache / f"run-{a.preset}-{key}"
+        run = cache / f"run-{name}-{key}"
         t0 = time.time()
         print(f"demo model: training '{a.preset}' for up to {a.minutes:g} min on {len(dl.training)} cases "
               f"from {len({c.source for c in dl.training})} sources ...", flush=True)
