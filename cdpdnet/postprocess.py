@@ -256,15 +256,17 @@ def _rule_none(roi, masks, done, ctx):
     return {roi: _as_bool(masks[roi]).copy()}
 
 
-def _level_filter(mask: np.ndarray, masks, ctx, below: int | None = None, above: int | None = None) -> np.ndarray:
+def _level_filter(mask: np.ndarray, masks, done, ctx, below: int | None = None, above: int | None = None) -> np.ndarray:
     """``mask`` without the components whose centroid lies on the wrong side of the inferior end of
-    ROI ``below`` / ``above`` (its largest component): a pelvic organ is below the liver's lowest
+    ROI ``below`` / ``above`` (as post-processed): a pelvic organ is below the liver's lowest
     point, the stomach above it. Unchanged when that ROI was not predicted."""
     mask = _as_bool(mask)
     ref_id = below if below is not None else above
     if ref_id is None or ref_id not in masks or not mask.any():
         return mask
-    ref = top_k_components(masks[ref_id], 1)
+    # the reference ROI as post-processed (rules run in label order, so the liver is done before the
+    # stomach and the pelvis), else its largest component
+    ref = done[ref_id] if ref_id in done else top_k_components(masks[ref_id], 1)
     if not ref.any():
         return mask
     axis, sign = axis_direction(ctx.axcodes, "S")
@@ -280,7 +282,7 @@ def _level_filter(mask: np.ndarray, masks, ctx, below: int | None = None, above:
 
 
 def _rule_largest_cc(roi, masks, done, ctx, k: int = 1, below: int | None = None, above: int | None = None):
-    return {roi: top_k_components(_level_filter(masks[roi], masks, ctx, below, above), k, ctx.weights(roi))}
+    return {roi: top_k_components(_level_filter(masks[roi], masks, done, ctx, below, above), k, ctx.weights(roi))}
 
 
 def _rule_largest_near(roi, masks, done, ctx, near: int, margin_mm: float = 10.0):
@@ -309,7 +311,7 @@ def _rule_pair_by_side(roi, masks, done, ctx, right: int, left: int, min_second_
         return {}
     if not (right in masks and left in masks):
         return _rule_largest_cc(roi, masks, done, ctx, below=below)
-    r_in, l_in = (_level_filter(masks[r], masks, ctx, below) for r in (right, left))
+    r_in, l_in = (_level_filter(masks[r], masks, done, ctx, below) for r in (right, left))
     out_r, out_l = np.zeros(r_in.shape, bool), np.zeros(r_in.shape, bool)
     box = _bbox(r_in | l_in)
     if box is None:
