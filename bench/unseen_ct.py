@@ -31,14 +31,10 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cdpdnet.metrics import dice  # noqa: E402
 from cdpdnet.taxonomy import ROIS, roi  # noqa: E402
 
 LUNGS = (roi("lung_right").index, roi("lung_left").index)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return float("nan") if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
 def score(seg, path: str) -> dict:
