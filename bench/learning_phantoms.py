@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def evaluate(model_path: str, samples, threshold: float | None = None) -> dict[str, list[float]]:
+def evaluate(model_path: str, samples, threshold: float | None = None, **infer) -> dict[str, list[float]]:
     import numpy as np
 
     from cdpdnet.imageio import load_image
@@ -32,7 +32,7 @@ def evaluate(model_path: str, samples, threshold: float | None = None) -> dict[s
     from cdpdnet.metrics import dice
     from cdpdnet.taxonomy import ROIS
 
-    seg = Segmenter(model_path, threshold=threshold)
+    seg = Segmenter(model_path, threshold=threshold, **infer)
     per: dict[str, list[float]] = {r.name: [] for r in ROIS}
     times = []
     for s in samples:
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--rescore", action="store_true",
                     help="do not train: evaluate the models already in --out on its held-out phantoms again")
     ap.add_argument("--threshold", type=float, help="with --rescore: this threshold instead of the checkpoint preset's")
+    ap.add_argument("--lesion-threshold", type=float,
+                    help="with --rescore: this threshold for the lesion channels instead of the checkpoint preset's")
     ap.add_argument("--test-data", help="with --rescore: the test split of this dataset.json instead of --out's phantoms "
                                         "(e.g. fresh held-out phantoms: python -m cdpdnet phantoms DIR --per-source 0 "
                                         "--heldout 4 --seed 7)")
@@ -81,10 +83,13 @@ def main() -> None:
             raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
         meta = json.loads((out / "results.json").read_text())["meta"]
         dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
-        results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold) for loss in meta
+        infer = {"lesion_threshold": a.lesion_threshold}
+        results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold, **infer) for loss in meta
                    if a.only is None or loss == a.only}
         meta = {loss: meta[loss] for loss in results}
-        tag = "-rescored" + (f"-t{a.threshold:g}" if a.threshold else "") + ("-" + Path(a.test_data).parent.name if a.test_data else "")
+        tag = ("-rescored" + (f"-t{a.threshold:g}" if a.threshold else "")
+               + (f"-lt{a.lesion_threshold:g}" if a.lesion_threshold else "")
+               + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, suffix=tag)  # the training run's own report stays
         return
     data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))

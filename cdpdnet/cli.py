@@ -56,7 +56,7 @@ def cmd_infer(a) -> int:
     from .inference import Segmenter
 
     seg = Segmenter(a.model, device=a.device, overlap=a.overlap, threshold=a.threshold,
-                    postprocess=not a.no_postprocess)
+                    lesion_threshold=a.lesion_threshold, postprocess=not a.no_postprocess)
     inputs = [Path(p) for p in a.input]
     out = Path(a.output)
     if len(inputs) > 1 and out.suffix:
@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rois", help="comma-separated ROI names/synonyms/values (default: all 32)")
     s.add_argument("--task", help="source dataset whose task prompt to use (default: mean prompt)")
     s.add_argument("--overlap", type=float, help="sliding-window overlap (default: the preset's)")
-    s.add_argument("--threshold", type=float, help="sigmoid threshold (default 0.5)")
+    s.add_argument("--threshold", type=float, help="sigmoid threshold (default: the preset's, 0.5 if it has none)")
+    s.add_argument("--lesion-threshold", type=float,
+                   help="sigmoid threshold of the tumour and cyst channels (default: the preset's, else --threshold)")
     s.add_argument("--no-postprocess", action="store_true", help="skip connected-component post-processing")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_infer)

@@ -32,6 +32,10 @@ from .taxonomy import NUM_CLASSES, ROIS, roi
 __all__ = ["Segmenter", "Segmentation", "required_channels"]
 
 
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
 @dataclass
 class Segmentation:
     label: np.ndarray  # uint8 [X, Y, Z] on the input grid
@@ -67,12 +71,14 @@ class Segmenter:
         model: a checkpoint path or a :class:`~cdpdnet.factory.LoadedModel`.
         device: ``"cpu"``, ``"cuda"``, ...
         overlap, sw_batch_size, threshold: override the preset's ``infer`` settings.
+        lesion_threshold: the threshold of the lesion channels (tumours, cyst); default the preset's
+            ``infer.lesion_threshold``, else ``threshold``.
         postprocess: apply the post-processing rules.
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str | torch.device = "cpu", overlap: float | None = None,
                  sw_batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
-                 amp: bool | None = None):
+                 amp: bool | None = None, lesion_threshold: float | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else model_from_checkpoint(model, device)
         self.device = torch.device(device)
         self.loaded.model.to(self.device).eval()
@@ -82,8 +88,11 @@ class Segmenter:
         self.overlap = float(cfg.get("overlap", 0.5) if overlap is None else overlap)
         self.sw_batch_size = int(cfg.get("sw_batch_size", 2) if sw_batch_size is None else sw_batch_size)
         self.threshold = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        lt = cfg.get("lesion_threshold", self.threshold) if lesion_threshold is None else lesion_threshold
+        self.lesion_threshold = float(self.threshold if lt is None else lt)
+        for name, t in (("threshold", self.threshold), ("lesion_threshold", self.lesion_threshold)):
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {t}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         self.mode = cfg.get("mode", "gaussian")
@@ -101,6 +110,10 @@ class Segmenter:
         if rois is None or len(rois) == 0:
             return list(range(1, NUM_CLASSES + 1))
         return sorted({roi(r).index for r in rois})
+
+    def threshold_of(self, c: int) -> float:
+        """The sigmoid threshold of ROI ``c`` (label value): ``lesion_threshold`` for lesions."""
+        return self.lesion_threshold if ROIS[c - 1].is_lesion else self.threshold
 
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor, channels: Sequence[int], task_id: int = -1,
@@ -143,13 +156,14 @@ class Segmenter:
         logits = self.predict_logits(x[None], channels, task_id)[0]
         t["network"] = time.perf_counter()
 
-        cut = math.log(self.threshold / (1.0 - self.threshold))
-        masks = {c: (logits[i] > cut).cpu().numpy().astype(np.uint8) for i, c in enumerate(channels)}
+        masks = {c: (logits[i] > _logit(self.threshold_of(c))).cpu().numpy().astype(np.uint8)
+                 for i, c in enumerate(channels)}
         if self.do_postprocess:
             spacing = [float(s) for s in self.preset.preprocess["spacing"]]
 
             def confidence(c: int) -> np.ndarray:  # ranks components: probability above the threshold
-                return (torch.sigmoid(logits[channels.index(c)].float()) - self.threshold).clamp_min(0).cpu().numpy()
+                p = torch.sigmoid(logits[channels.index(c)].float())
+                return (p - self.threshold_of(c)).clamp_min(0).cpu().numpy()
 
             masks = postprocess_masks(masks, spacing=spacing, axcodes=self.preset.preprocess.get("orientation", "RAS"),
                                       weights=confidence)
@@ -158,7 +172,8 @@ class Segmenter:
         model_affine = np.asarray(x.affine, dtype=np.float64)
         out = np.zeros(orig_shape, dtype=np.uint8)
         for c in merge_order(wanted):
-            mask = self._to_input_grid(logits[channels.index(c)], masks[c], model_affine, orig_affine, orig_shape)
+            mask = self._to_input_grid(logits[channels.index(c)], masks[c], model_affine, orig_affine, orig_shape,
+                                       self.threshold_of(c))
             if mask is not None:
                 out[mask[0]][mask[1]] = c
         del logits
@@ -174,8 +189,8 @@ class Segmenter:
         timings["total"] = t["write"] - t["start"]
         return Segmentation(out, orig_affine, wanted, timings, tuple(x.shape[1:]))
 
-    def _to_input_grid(self, logit: torch.Tensor, kept: np.ndarray, model_affine: np.ndarray,
-                       orig_affine: np.ndarray, orig_shape: tuple) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    def _to_input_grid(self, logit: torch.Tensor, kept: np.ndarray, model_affine: np.ndarray, orig_affine: np.ndarray,
+                       orig_shape: tuple, threshold: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
         """One ROI from the model grid to the input grid: ``(box in the input grid, bool mask in that box)``.
 
         The probability map is resampled trilinearly (not the binary mask with nearest neighbours),
@@ -193,7 +208,7 @@ class Segmenter:
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
         p = torch.sigmoid(logit[box].float())
         keep = torch.from_numpy(kept[box].astype(bool)).to(p.device)
-        soft = torch.where(keep, p, torch.where(p <= self.threshold, p, torch.zeros_like(p)))
+        soft = torch.where(keep, p, torch.where(p <= threshold, p, torch.zeros_like(p)))
         # the box's corners (voxel edges) in input voxel coordinates -> the input-grid box to fill
         to_input = np.linalg.solve(orig_affine, model_affine)
         corners = np.array([[a - 0.5 if k else b - 0.5 for (a, b), k in zip(zip(lo, hi), bits)]
@@ -209,7 +224,7 @@ class Segmenter:
         shift[:3, 3] = in_lo
         res = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
             src, dst_affine=torch.as_tensor(orig_affine @ shift), spatial_size=tuple(int(v) for v in in_hi - in_lo))
-        mask = res[0].cpu().numpy() > self.threshold
+        mask = res[0].cpu().numpy() > threshold
         return tuple(slice(int(a), int(b)) for a, b in zip(in_lo, in_hi)), mask
 
     @staticmethod

@@ -1,5 +1,7 @@
 """Checkpoints and inference: file to file, in the input's own space; bad input gets clear errors."""
 
+import math
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -200,3 +202,31 @@ def test_coarse_model_draws_smooth_borders_on_a_fine_input(segmenter, monkeypatc
     dice = 2 * (pred & big).sum() / (pred.sum() + big.sum())
     assert dice > 0.9, dice  # measured 0.923; nearest resampling of the label map gave 0.873
     assert not (pred & small).any()
+
+
+def test_lesion_threshold_applies_to_lesions_only(tiny_checkpoint, monkeypatch):
+    """``lesion_threshold`` cuts the tumour and cyst channels, ``threshold`` the organs."""
+    n = 40
+    grid = np.stack(np.meshgrid(*[np.arange(n) * 3.0] * 3, indexing="ij"), -1)
+    r = np.linalg.norm(grid - 60.0, axis=-1)
+    img = np.where(r < 45.0, 100.0, 0.0) + np.where(r < 18.0, 100.0, 0.0)  # organ 100 HU, lesion 200 HU
+    liver, tumour = roi_index("liver"), roi_index("liver_tumor")
+
+    def oracle(self, x, channels, task_id=-1, roi_center=None):
+        out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
+        out[0, channels.index(liver)][x[0, 0] > 0.55] = math.log(0.9 / 0.1)
+        out[0, channels.index(tumour)][x[0, 0] > 0.8] = math.log(0.35 / 0.65)  # p = 0.35 in the lesion
+        return out
+
+    monkeypatch.setattr(Segmenter, "predict_logits", oracle)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    found = {}
+    for lt in (0.3, 0.4):
+        seg = Segmenter(tiny_checkpoint, threshold=0.4, lesion_threshold=lt)
+        label = seg.segment(img.astype(np.float32), rois=["liver", "liver_tumor"], affine=aff).label
+        found[lt] = set(np.unique(label).tolist()) - {0}
+        assert label[20, 20, 20] == (tumour if lt == 0.3 else liver)
+    assert found == {0.3: {liver, tumour}, 0.4: {liver}}
+    assert Segmenter(tiny_checkpoint, threshold=0.45).lesion_threshold == 0.45  # default: the threshold
+    with pytest.raises(ValueError, match="lesion_threshold must be in"):
+        Segmenter(tiny_checkpoint, lesion_threshold=1.5)
