@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PartialLabelLoss", "NaiveBackgroundLoss"]
+__all__ = ["PartialLabelLoss", "NaiveBackgroundLoss", "DeepSupervisionLoss"]
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -101,3 +101,30 @@ class NaiveBackgroundLoss(PartialLabelLoss):
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0) -> None:
         super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """A loss over the full-resolution logits and coarser ones (nnU-Net's deep supervision).
+
+    ``forward(logits, aux [k tensors, finest first], target, annotated)``: ``loss(logits, target,
+    annotated)`` plus each coarser output against the target averaged down to its grid (fractions,
+    so a lesion smaller than a coarse voxel stays in the target), weighted ``2^-i`` (MONAI's
+    ``DeepSupervisionLoss`` ``weight_mode="exp"``) and normalised to sum 1. MONAI's class is not used
+    because it resizes the target with nearest neighbours and passes no annotated mask.
+    :meth:`components` reports the full-resolution terms.
+    """
+
+    def __init__(self, loss: PartialLabelLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, aux, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+        weights = [0.5 ** i for i in range(len(aux) + 1)]
+        total = sum(weights)
+        y = _plain(target).float()
+        out = sum(w * self.loss(a, F.adaptive_avg_pool3d(y, a.shape[2:]), annotated)
+                  for w, a in zip(weights[1:], aux)) if aux else 0.0
+        return (out + weights[0] * self.loss(logits, target, annotated)) / total
+
+    def components(self) -> dict[str, float]:
+        return self.loss.components()

@@ -46,7 +46,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .device import memory_format, use_bf16
 from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
 from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
-from .loss import NaiveBackgroundLoss, PartialLabelLoss
+from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
 from .taxonomy import NUM_CLASSES, ROIS
@@ -333,6 +333,9 @@ class Trainer:
         if self.cfg.schedule == "budget" and not self.cfg.max_minutes:
             raise ValueError("schedule 'budget' needs a time budget (max_minutes)")
         self.loss_fn = NaiveBackgroundLoss() if self.cfg.loss == "naive" else PartialLabelLoss()
+        self.deep_supervision = int(self.preset.network.deep_supervision)
+        if self.deep_supervision:
+            self.loss_fn = DeepSupervisionLoss(self.loss_fn)
         self.amp = use_bf16(self.device, t.get("cpu_bf16", False)) if self.cfg.amp is None else bool(self.cfg.amp)
         self.start_epoch = 0
         self.best: float | None = None
@@ -497,8 +500,14 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             with torch.no_grad():
                 feats = self.model.dino(x)
-            logits = self.net(x, feats, task)
-        loss = self.loss_fn(logits.float(), target, annotated)
+            if self.deep_supervision:
+                logits, aux = self.net(x, feats, task, aux=True)
+            else:
+                logits, aux = self.net(x, feats, task), None
+        if aux is None:
+            loss = self.loss_fn(logits.float(), target, annotated)
+        else:
+            loss = self.loss_fn(logits.float(), [a.float() for a in aux], target, annotated)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

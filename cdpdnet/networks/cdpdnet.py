@@ -80,7 +80,9 @@ class CDPDNet(nn.Module):
 
     ``forward(x [B,1,*P], dino_feats: list of [B, Cd, X', gy, gz] (one per fusion stage),
     task_id [B] long)`` -> logits ``[B, num_classes, *P]``. ``P`` must be divisible by the product of
-    the strides per axis (16, 32, 32 for the paper preset).
+    the strides per axis (16, 32, 32 for the paper preset). With ``aux=True`` (training with
+    ``cfg.deep_supervision = k > 0``) it returns ``(logits, [k logits of the next coarser decoder
+    outputs, finest first: [B, num_classes, *P / stride]])``.
 
     Buffers ``organ_embedding [num_classes, text_dim]`` and ``task_embedding [num_tasks, text_dim]``
     hold the precomputed text embeddings (saved in checkpoints, never trained).
@@ -116,9 +118,15 @@ class CDPDNet(nn.Module):
         self.ttpg = TaskPromptGenerator(widths[n], cfg.num_tasks, cfg.text_proj_dim)
         he_init_([self.head_hidden, self.stem, getattr(self, "unused_input_convs", nn.Identity()), self.encoder, self.upsample, self.decoder, self.seg_outputs, self.ttpg.intermedia_conv,
                   self.ttpg.fusion_layer])
+        # deep supervision: heads on the decoder outputs u = n-1-ds .. n-2 (the scales just above the last)
+        self.aux_stages = tuple(range(n - 1 - cfg.deep_supervision, n - 1))
+        self.aux_outputs = nn.ModuleList([nn.Conv3d(widths[n - 1 - u], cfg.num_classes, 1, bias=False)
+                                          for u in self.aux_stages])
+        he_init_([self.aux_outputs])
         if cfg.head_bias is not None:
             # a prior-logit bias (RetinaNet-style): starts near "mostly background", which short CPU runs need
-            self.seg_outputs[-1].bias = nn.Parameter(torch.full((cfg.num_classes,), float(cfg.head_bias)))
+            for head in (self.seg_outputs[-1], *self.aux_outputs):
+                head.bias = nn.Parameter(torch.full((cfg.num_classes,), float(cfg.head_bias)))
 
         # DINO adaptors and cross-attention at the fusion stages (plus the reference's unused stage 1 pair)
         fusion = list(cfg.fusion_stages)
@@ -158,7 +166,8 @@ class CDPDNet(nn.Module):
         film = self.bottleneck_film if self.bottleneck_film is not None else self.skip_films[-1]
         return film(x, organ)
 
-    def forward(self, x: torch.Tensor, dino_feats: Sequence[torch.Tensor], task_id: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dino_feats: Sequence[torch.Tensor], task_id: torch.Tensor,
+                aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         if len(dino_feats) != len(self.fusion_stages):
             raise ValueError(f"expected {len(self.fusion_stages)} DINO feature maps, got {len(dino_feats)}")
         organ = F.relu(self.text_to_vision(self.organ_embedding))  # [N, P]
@@ -179,8 +188,12 @@ class CDPDNet(nn.Module):
 
         x = self._film_bottleneck(x, organ)
         x = torch.cat([x, self.ttpg(x, task, task_id)], 1)
+        extra = []
         for u in range(n):
             skip = skips[-(u + 1)]
             x = self.upsample[u](x)
             x = self.decoder[u](torch.cat([x, self.skip_films[-(u + 1)](skip, organ)], 1))
-        return self.seg_outputs[-1](self.head_hidden(x))
+            if aux and u in self.aux_stages:
+                extra.append(self.aux_outputs[self.aux_stages.index(u)](x))
+        out = self.seg_outputs[-1](self.head_hidden(x))
+        return (out, extra[::-1]) if aux else out

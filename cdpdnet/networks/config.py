@@ -41,6 +41,9 @@ class NetworkConfig:
     # None: the reference's linear 1x1x1 head; a width: a 1x1x1 ConvNormAct of that width before it, so a
     # narrow last stage (CPU presets) separates 32 overlapping classes non-linearly
     head_hidden: int | None = None
+    # nnU-Net's deep supervision (not in the reference): this many decoder outputs above the last one
+    # (the next coarser scales) get their own 1x1x1 heads, supervised in training only (0: off)
+    deep_supervision: int = 0
 
     @property
     def num_pool(self) -> int:
@@ -67,6 +70,9 @@ class NetworkConfig:
         w = self.widths()
         if self.head_hidden is not None and self.head_hidden < 1:
             raise ValueError(f"head_hidden must be a positive width or null, got {self.head_hidden}")
+        if not 0 <= int(self.deep_supervision) < self.num_pool:
+            raise ValueError(f"deep_supervision must lie in 0..{self.num_pool - 1} (decoder outputs above the last), "
+                             f"got {self.deep_supervision}")
         if any(w[s] % self.attn_heads for s in self.fusion_stages):
             raise ValueError("fusion stage widths must be divisible by attn_heads")
 

@@ -178,3 +178,25 @@ def test_head_hidden_adds_a_nonlinear_head_and_default_is_the_reference_head():
     assert y.shape == (2, 32, 16, 32, 32) and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="head_hidden must be a positive width"):
         NetworkConfig.from_dict(dict(base, head_hidden=0))
+
+
+def test_deep_supervision_heads_on_the_coarser_decoder_outputs():
+    """``network.deep_supervision = k``: k extra 1x1x1 heads (with the prior bias) on the decoder outputs
+    above the last, returned only when asked (training); the main output is unchanged; 0 adds nothing."""
+    base = dict(load_preset("tiny").network.to_dict(), head_bias=-4.0)
+    ref = CDPDNet(NetworkConfig.from_dict(base))
+    assert not any(k.startswith("aux_outputs") for k in ref.state_dict())  # old checkpoints still load
+    net = CDPDNet(NetworkConfig.from_dict(dict(base, deep_supervision=2))).eval()
+    x = torch.rand(2, 1, 16, 32, 32)
+    feats = [torch.rand(2, base["dino_dim"], 14, 2, 2) for _ in base["fusion_stages"]]
+    with torch.no_grad():
+        y, aux = net(x, feats, torch.tensor([0, 1]), aux=True)
+        plain = net(x, feats, torch.tensor([0, 1]))
+    assert torch.equal(y, plain) and y.shape == (2, 32, 16, 32, 32)
+    size = [16, 32, 32]
+    for a, stride in zip(aux, base["pool_strides"]):  # finest first: stage 1, then stage 2
+        size = [s // k for s, k in zip(size, stride)]
+        assert a.shape == (2, 32, *size)
+    assert all(torch.all(h.bias == -4.0) for h in net.aux_outputs)
+    with pytest.raises(ValueError, match="deep_supervision must lie in"):
+        NetworkConfig.from_dict(dict(base, deep_supervision=len(base["pool_strides"])))

@@ -22,7 +22,7 @@ from cdpdnet.data import (
     resolve_label_names,
     split_by_source,
 )
-from cdpdnet.loss import NaiveBackgroundLoss, PartialLabelLoss
+from cdpdnet.loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from cdpdnet.taxonomy import NUM_CLASSES, roi_index
 
 LIVER, LIVER_TUMOR = roi_index("liver"), roi_index("liver_tumor")
@@ -76,6 +76,33 @@ def test_loss_zero_gradient_on_unannotated_channels():
     g = logits.grad.flatten(2).abs().amax(-1)  # [B, C]
     assert torch.all(g[~annotated] == 0)
     assert torch.all(g[annotated] > 0)
+
+
+def test_deep_supervision_loss_weights_scales_and_keeps_small_lesions():
+    """Full-resolution loss weighted 4/7, the next scales 2/7 and 1/7 against the target averaged down:
+    a one-voxel lesion is still a (fractional) target at 1/8 of the resolution, and unannotated
+    channels get no gradient at any scale."""
+    logits, target, annotated = _random_batch(seed=4, shape=(8, 8, 8))
+    base = PartialLabelLoss()
+    ds = DeepSupervisionLoss(PartialLabelLoss())
+    assert torch.allclose(ds(logits, [], target, annotated), base(logits, target, annotated))
+    aux = [torch.randn(3, NUM_CLASSES, 4, 4, 4, requires_grad=True), torch.randn(3, NUM_CLASSES, 2, 2, 2, requires_grad=True)]
+    loss = ds(logits, aux, target, annotated)
+    y = target.float()
+    expected = (4 * base(logits, target, annotated) + 2 * base(aux[0], F.avg_pool3d(y, 2), annotated)
+                + base(aux[1], F.avg_pool3d(y, 4), annotated)) / 7
+    assert torch.allclose(loss, expected)
+    assert ds.components()["pairs"] == int(annotated.sum())  # the full-resolution terms
+    loss.backward()
+    for a in aux:
+        g = a.grad.flatten(2).abs().amax(-1)
+        assert torch.all(g[~annotated] == 0) and torch.all(g[annotated] > 0)
+
+    lesion = torch.zeros(1, NUM_CLASSES, 8, 8, 8, dtype=torch.uint8)
+    lesion[0, 0, 1, 6, 3] = 1  # one voxel
+    coarse = torch.full((1, NUM_CLASSES, 2, 2, 2), -4.0, requires_grad=True)
+    ds(torch.full((1, NUM_CLASSES, 8, 8, 8), -4.0), [coarse], lesion, torch.ones(1, NUM_CLASSES, dtype=torch.bool)).backward()
+    assert coarse.grad[0, 0, 0, 1, 0] < 0 and coarse.grad[0, 0, 0, 1, 0] < coarse.grad[0, 0, 1, 0, 1]  # pulled up there
 
 
 def test_loss_nothing_annotated_is_connected_zero():

@@ -57,6 +57,26 @@ def test_stop_flag_and_finetune_keep_tasks(phantoms, tmp_path):
     assert os.path.isfile(summary["model"])
 
 
+def test_deep_supervision_trains_and_round_trips(phantoms, tmp_path):
+    """A preset with ``network.deep_supervision`` trains (the coarse heads get gradients) and its
+    checkpoint rebuilds the same network."""
+    import torch
+
+    from cdpdnet.preset import load_preset
+
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"], d["network"]["deep_supervision"] = "tiny-ds", 2
+    (tmp_path / "tiny-ds.json").write_text(json.dumps(d))
+    tr = Trainer(dl.training, str(tmp_path / "tiny-ds.json"), _cfg(tmp_path / "run", epochs=2, iterations_per_epoch=1))
+    before = [h.weight.detach().clone() for h in tr.model.net.aux_outputs]
+    summary = tr.run()
+    assert all(not torch.equal(b, h.weight) for b, h in zip(before, tr.model.net.aux_outputs))
+    loaded = model_from_checkpoint(summary["model"])
+    assert loaded.preset.network.deep_supervision == 2
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(loaded.model.net.aux_outputs, tr.model.net.aux_outputs))
+
+
 def test_refuses_unlabelled_samples(phantoms):
     _, dl = phantoms
     s = dl.training[0]
