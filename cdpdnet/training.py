@@ -49,7 +49,7 @@ from .factory import LoadedModel, build_model, checkpoint_payload, model_from_ch
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
-from .taxonomy import NUM_CLASSES, ROIS
+from .taxonomy import NUM_CLASSES, ROIS, roi
 
 __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr"]
 
@@ -178,7 +178,7 @@ def crop_policy(preset: Preset) -> str:
     """``train.crop`` of a preset: ``"posneg"`` (the reference's pos/neg and lesion-class crops) or
     ``"classes"`` (class-balanced: each crop centred on a voxel of an annotated ROI drawn uniformly,
     or on background with weight ``train.background_ratio``; lesion ROIs weigh ``train.lesion_ratio``,
-    default 1)."""
+    default 1, and ``train.roi_crop_weights`` (``{ROI name: factor}``) multiplies single ROIs' weights)."""
     policy = preset.train.get("crop", "posneg")
     if policy not in ("posneg", "classes"):
         raise ValueError(f"unknown crop policy train.crop={policy!r}: use 'posneg' or 'classes'")
@@ -195,6 +195,10 @@ class _RandomCrops:
         self.policy = crop_policy(preset)
         self.background_ratio = float(t.get("background_ratio", 1.0))
         self.roi_weights = np.array([float(t.get("lesion_ratio", 1.0)) if r.is_lesion else 1.0 for r in ROIS])
+        for name, factor in (t.get("roi_crop_weights") or {}).items():
+            if not float(factor) >= 0.0:
+                raise ValueError(f"train.roi_crop_weights[{name!r}] must be a weight >= 0, got {factor!r}")
+            self.roi_weights[roi(name).index - 1] *= float(factor)
         self.balanced = RandCropByLabelClassesd(keys, "label", patch, ratios=[1.0] * (NUM_CLASSES + 1),
                                                 num_classes=NUM_CLASSES + 1, num_samples=num_samples,
                                                 indices_key="label_indices", allow_smaller=True, warn=False)

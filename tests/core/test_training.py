@@ -202,6 +202,41 @@ def test_lesion_ratio_weights_crops_towards_lesions(phantoms):
     assert 1.0 - weighted < 0.5 * (1.0 - plain), (plain, weighted)
 
 
+def test_roi_crop_weights_favour_single_rois(phantoms):
+    """``train.roi_crop_weights`` multiplies the crop weight of the named ROIs (names or synonyms);
+    an unknown name or a negative weight is refused."""
+    import numpy as np
+
+    from cdpdnet.data import annotated_vector
+    from cdpdnet.preset import load_preset
+    from cdpdnet.taxonomy import UnknownROIError, roi
+    from cdpdnet.training import _CaseCache, _RandomCrops
+
+    _, dl = phantoms
+    s = next(x for x in dl.training if x.source == "phantom_kidney")
+    cyst = roi("kidney_cyst").index
+    annotated = annotated_vector([roi(n).index for n in ("kidney_right", "kidney_left", "kidney_tumor", "kidney_cyst")])
+
+    def preset(weights: dict):
+        return load_preset("tiny", {"patch_size": [16, 8, 8], "train": {
+            "crop": "classes", "background_ratio": 0.0, "roi_crop_weights": weights}})
+
+    def crops(weights: dict):
+        return _RandomCrops(preset(weights), num_samples=128, seed=0)
+
+    def with_cyst(weights: dict) -> float:
+        d = _CaseCache(preset(weights))({"image": s.image, "label": s.label})
+        d.update(annotated=annotated, task_id=0)
+        return float(np.mean([bool(c["target"][cyst - 1].any()) for c in crops(weights)(d)]))
+
+    plain, weighted = with_cyst({}), with_cyst({"renal cyst": 9.0})  # 1 of 4 crops centred on it, then 9 of 12
+    assert 1.0 - weighted < 0.5 * (1.0 - plain), (plain, weighted)
+    with pytest.raises(UnknownROIError):
+        crops({"kidney_cist_x": 2.0})
+    with pytest.raises(ValueError, match="must be a weight >= 0"):
+        crops({"kidney_cyst": -1.0})
+
+
 def _augmenter(train: dict):
     from cdpdnet.preset import load_preset
     from cdpdnet.training import _RandomCrops
