@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--rescore", action="store_true",
                     help="do not train: evaluate the models already in --out on its held-out phantoms again")
     ap.add_argument("--threshold", type=float, help="with --rescore: this threshold instead of the checkpoint preset's")
+    ap.add_argument("--overlap", type=float,
+                    help="with --rescore: this sliding-window overlap instead of the checkpoint preset's")
     ap.add_argument("--lesion-threshold", type=float,
                     help="with --rescore: this threshold for the lesion channels instead of the checkpoint preset's")
     ap.add_argument("--test-data", help="with --rescore: the test split of this dataset.json instead of --out's phantoms "
@@ -83,12 +85,13 @@ def main() -> None:
             raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
         meta = json.loads((out / "results.json").read_text())["meta"]
         dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
-        infer = {"lesion_threshold": a.lesion_threshold}
+        infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap}
         results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold, **infer) for loss in meta
                    if a.only is None or loss == a.only}
         meta = {loss: meta[loss] for loss in results}
         tag = ("-rescored" + (f"-t{a.threshold:g}" if a.threshold else "")
                + (f"-lt{a.lesion_threshold:g}" if a.lesion_threshold else "")
+               + (f"-ov{a.overlap:g}" if a.overlap is not None else "")
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, suffix=tag)  # the training run's own report stays
         return

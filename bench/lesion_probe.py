@@ -4,7 +4,9 @@ For each case of a dataset split: the lesion's voxels on the model grid, the cha
 probability inside the lesion and outside it, the Dice at the checkpoint's threshold there (before
 post-processing and resampling) and the Dice of the final label map (what a user gets). A channel
 whose highest probability inside its lesions stays near 0 has not learned to detect them; one that
-fires but scores low on the final map loses them later (threshold, post-processing, overlaps). Usage::
+fires but scores low on the final map loses them later (threshold, post-processing, overlaps). The
+network runs twice per case (once for the probabilities, once on the full inference path for the
+final map): a diagnostic, about 3 s per phantom. Usage::
 
     python bench/lesion_probe.py runs/bench-learning/partial/model.pt runs/bench-learning/phantoms/dataset.json
     python bench/lesion_probe.py MODEL DATASET --split training --source phantom_pelvis_chest  # cases it trained on
