@@ -124,6 +124,25 @@ def test_gallbladder_keeps_the_component_next_to_the_liver():
     np.testing.assert_array_equal(postprocess_masks({6: liver, 4: gallbladder | bladder})[4], bladder.astype(bool))
 
 
+def test_adrenal_glands_keep_the_component_next_to_their_kidney():
+    """An adrenal channel that also fires on the (larger) urinary bladder, far below, keeps the gland
+    within 40 mm of the kidney of its side, not the bladder; the reference's rule keeps the bladder."""
+    shape = (30, 20, 40)
+    kidney_r, kidney_l = box((20, 5, 14), (26, 11, 22), shape), box((2, 5, 14), (8, 11, 22), shape)
+    gland_r = box((20, 8, 26), (22, 10, 28), shape)  # 4 voxels (24 mm at 6 mm) above the right kidney
+    gland_l = box((4, 8, 23), (6, 10, 25), shape)
+    bladder = box((10, 6, 0), (18, 14, 4), shape)
+    out = postprocess_masks({2: kidney_r, 3: kidney_l, 12: gland_r | bladder, 13: gland_l | bladder},
+                            spacing=(6.0, 6.0, 6.0))
+    np.testing.assert_array_equal(out[12], gland_r.astype(bool))
+    np.testing.assert_array_equal(out[13], gland_l.astype(bool))
+    ref = postprocess_masks({2: kidney_r, 12: gland_r | bladder}, spacing=(6.0, 6.0, 6.0), rules=REFERENCE_RULES)
+    np.testing.assert_array_equal(ref[12], bladder.astype(bool))
+    # the kidney of the other side does not count: no right kidney, so the largest component, as before
+    other = postprocess_masks({3: kidney_l, 12: gland_r | bladder}, spacing=(6.0, 6.0, 6.0))
+    np.testing.assert_array_equal(other[12], bladder.astype(bool))
+
+
 def test_weights_rank_components_by_confidence():
     """A larger but fainter false positive loses to a smaller, confident organ when weights are given."""
     organ, faint = box((1, 1, 1), (5, 5, 5)), box((10, 10, 10), (16, 16, 16))  # 64 and 216 voxels
@@ -153,6 +172,7 @@ def test_inference_requests_the_liver_for_the_gallbladder_and_both_femur_heads()
     assert required_channels([4]) == [4, 6]
     assert required_channels([23]) == [6, 23, 24]
     assert required_channels([21]) == [6, 21] and required_channels([7]) == [6, 7]
+    assert required_channels([12]) == [2, 12, 13] and required_channels([13]) == [3, 12, 13]
 
 
 def test_pelvic_organs_below_the_liver_and_the_stomach_above_its_lowest_point():
