@@ -31,7 +31,22 @@ class PartialLabelLoss(nn.Module):
         L = w_\mathrm{bce} L_\mathrm{BCE} + w_\mathrm{dice} L_\mathrm{Dice}
 
     Per sample and per channel over the whole crop; the smoothing :math:`s = 1` is in the
-    denominator only and :math:`p` is not squared. Unannotated channels are UNKNOWN: their terms
+    denominator only and :math:`p` is not squared.
+
+    ``log_dice=True`` (off in the reference and by default) replaces the Dice term of every pair
+    whose target is not empty by :math:`-\ln \frac{2 \sum_v p y + s}{\sum_v p + \sum_v y + s}`
+    (the exponential logarithmic loss of Wong et al., MICCAI 2018, with :math:`\gamma = 1`). Its
+    gradient is the Dice gradient divided by the pair's Dice, so a small structure that the
+    network still misses (Dice near 0, probabilities near the prior, where the sigmoid's slope
+    cancels the plain Dice's pull) keeps a strong pull, and a well segmented organ (Dice near 1)
+    sees almost the plain loss. Pairs with an empty target keep the plain term (1, no gradient).
+
+    ``focal_gamma`` > 0 (0, plain BCE, in the reference and by default) replaces the BCE by the
+    focal loss of Lin et al. (ICCV 2017, torchvision's ``sigmoid_focal_loss``, no alpha): each
+    voxel's BCE is scaled by :math:`(1 - p_t)^\gamma`, so negatives the network already gets right
+    (p near 0) stop pushing their channel down, while a missed positive keeps its full pull.
+    ``focal_channels`` (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions);
+    the others keep the plain BCE. Unannotated channels are UNKNOWN: their terms
     are computed with the rest (static shapes, no host sync, unlike the reference's per-sample
     gather) but removed with ``torch.where`` before the sums, so they get exactly zero gradient and
     the value equals the reference's gather on the annotated pairs. With nothing annotated the
@@ -46,8 +61,14 @@ class PartialLabelLoss(nn.Module):
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 treat_unannotated_as_background: bool = False) -> None:
+                 treat_unannotated_as_background: bool = False, log_dice: bool = False,
+                 focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.log_dice = bool(log_dice)
+        if not float(focal_gamma) >= 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma!r}")
+        self.focal_gamma = float(focal_gamma)
+        self.focal_channels = None if focal_channels is None else torch.as_tensor(focal_channels, dtype=torch.bool)
         self.bce_weight = float(bce_weight)
         self.dice_weight = float(dice_weight)
         self.smooth = float(smooth)
@@ -60,10 +81,22 @@ class PartialLabelLoss(nn.Module):
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
         z = _plain(logits).float().flatten(2)
         y = _plain(target).to(dtype=z.dtype).flatten(2)
-        bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
+        if self.focal_gamma > 0:
+            from torchvision.ops import sigmoid_focal_loss
+
+            bce = sigmoid_focal_loss(z, y, alpha=-1, gamma=self.focal_gamma, reduction="none").mean(-1)
+            if self.focal_channels is not None:
+                plain = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
+                bce = torch.where(self.focal_channels.to(bce.device), bce, plain)
+        else:
+            bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
         p = torch.sigmoid(z)
         inter = (p * y).sum(-1)
-        dice = 1.0 - 2.0 * inter / (p.sum(-1) + y.sum(-1) + self.smooth)
+        denom = p.sum(-1) + y.sum(-1) + self.smooth
+        dice = 1.0 - 2.0 * inter / denom
+        if self.log_dice:
+            log_term = -torch.log((2.0 * inter + self.smooth) / denom)
+            dice = torch.where(y.sum(-1) > 0, log_term, dice)
         return bce, dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,8 +132,10 @@ class PartialLabelLoss(nn.Module):
 class NaiveBackgroundLoss(PartialLabelLoss):
     """Naive baseline: every channel supervised, unannotated ROIs taken as background."""
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0) -> None:
-        super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True)
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 log_dice: bool = False, focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None) -> None:
+        super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True, log_dice=log_dice,
+                         focal_gamma=focal_gamma, focal_channels=focal_channels)
 
 
 class DeepSupervisionLoss(nn.Module):

@@ -336,7 +336,18 @@ class Trainer:
             raise ValueError(f"unknown schedule {self.cfg.schedule!r}: use 'reference', 'finetune' or 'budget'")
         if self.cfg.schedule == "budget" and not self.cfg.max_minutes:
             raise ValueError("schedule 'budget' needs a time budget (max_minutes)")
-        self.loss_fn = NaiveBackgroundLoss() if self.cfg.loss == "naive" else PartialLabelLoss()
+        log_dice = t.get("log_dice", False)
+        if not isinstance(log_dice, bool):
+            raise ValueError(f"train.log_dice must be true or false, got {log_dice!r}")
+        gamma = t.get("focal_gamma", 0.0)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
+            raise ValueError(f"train.focal_gamma must be a number >= 0 (0 = plain BCE), got {gamma!r}")
+        focal_on = t.get("focal_on", "all")
+        if focal_on not in ("all", "lesions"):
+            raise ValueError(f"train.focal_on must be 'all' or 'lesions', got {focal_on!r}")
+        kw = dict(log_dice=log_dice, focal_gamma=float(gamma),
+                  focal_channels=torch.as_tensor(LESIONS[1:] > 0) if focal_on == "lesions" else None)
+        self.loss_fn = NaiveBackgroundLoss(**kw) if self.cfg.loss == "naive" else PartialLabelLoss(**kw)
         self.deep_supervision = int(self.preset.network.deep_supervision)
         if self.deep_supervision:
             self.loss_fn = DeepSupervisionLoss(self.loss_fn)

@@ -11,6 +11,7 @@ from cdpdnet.checkpoint import load_checkpoint
 from cdpdnet.data import load_datalist
 from cdpdnet.factory import model_from_checkpoint
 from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
+from cdpdnet.preset import load_preset
 from cdpdnet.training import TrainConfig, Trainer, warmup_cosine_lr
 
 
@@ -75,6 +76,36 @@ def test_deep_supervision_trains_and_round_trips(phantoms, tmp_path):
     loaded = model_from_checkpoint(summary["model"])
     assert loaded.preset.network.deep_supervision == 2
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(loaded.model.net.aux_outputs, tr.model.net.aux_outputs))
+
+
+def _lesion_mask():
+    from cdpdnet.taxonomy import ROIS
+
+    return [r.is_lesion for r in ROIS]
+
+
+@pytest.mark.parametrize("key, good, bad, message, applied", [
+    ("log_dice", True, "yes", "train.log_dice must be true or false", lambda f: f.log_dice),
+    ("focal_gamma", 2.0, -1.0, "train.focal_gamma must be a number >= 0", lambda f: f.focal_gamma == 2.0),
+    ("focal_on", "lesions", "organs", "train.focal_on must be 'all' or 'lesions'",
+     lambda f: f.focal_channels is not None and f.focal_channels.tolist() == _lesion_mask()),
+])
+def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
+    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` reach the loss the trainer uses (off by
+    default); a bad value is refused with a message that names the key."""
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"] = "tiny-loss"
+    for value in (good, bad):
+        d["train"][key] = value
+        (tmp_path / "p.json").write_text(json.dumps(d))
+        if value is good:
+            assert applied(Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run")).loss_fn)
+        else:
+            with pytest.raises(ValueError, match=message):
+                Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))
+    plain = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).loss_fn
+    assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None
 
 
 def test_refuses_unlabelled_samples(phantoms):
