@@ -81,15 +81,24 @@ class PartialLabelLoss(nn.Module):
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
         z = _plain(logits).float().flatten(2)
         y = _plain(target).to(dtype=z.dtype).flatten(2)
-        if self.focal_gamma > 0:
-            from torchvision.ops import sigmoid_focal_loss
+        focal = torch.zeros(z.shape[1], dtype=torch.bool) if self.focal_gamma == 0 else (
+            torch.ones(z.shape[1], dtype=torch.bool) if self.focal_channels is None else self.focal_channels)
+        bce = z.new_empty(z.shape[:2])
+        for chosen, is_focal in ((focal.nonzero().flatten(), True), ((~focal).nonzero().flatten(), False)):
+            if chosen.numel() == 0:
+                continue
+            if chosen.numel() == z.shape[1]:  # one kind for every channel: no copies (the default path)
+                zc, yc, chosen = z, y, None
+            else:
+                chosen = chosen.to(z.device)
+                zc, yc = z.index_select(1, chosen), y.index_select(1, chosen)
+            if is_focal:  # each channel's BCE is computed once, with the term its channel uses
+                from torchvision.ops import sigmoid_focal_loss
 
-            bce = sigmoid_focal_loss(z, y, alpha=-1, gamma=self.focal_gamma, reduction="none").mean(-1)
-            if self.focal_channels is not None:
-                plain = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
-                bce = torch.where(self.focal_channels.to(bce.device), bce, plain)
-        else:
-            bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mean(-1)
+                term = sigmoid_focal_loss(zc, yc, alpha=-1, gamma=self.focal_gamma, reduction="none")
+            else:
+                term = F.binary_cross_entropy_with_logits(zc, yc, reduction="none")
+            bce = term.mean(-1) if chosen is None else bce.index_copy(1, chosen, term.mean(-1))
         p = torch.sigmoid(z)
         inter = (p * y).sum(-1)
         denom = p.sum(-1) + y.sum(-1) + self.smooth
