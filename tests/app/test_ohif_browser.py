@@ -73,8 +73,9 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
             # annotator's name and password into its login dialog would
             page = browser.new_page(viewport={"width": 1600, "height": 1000},
                                     http_credentials={"username": "olivia", "password": password})
-            errors = []
+            errors, console = [], []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: console.append(m.text[:200]))
             page.goto(f"{url}/ohif/", wait_until="networkidle", timeout=120_000)
             page.get_by_text("Confirm and Hide").click()
             page.get_by_text("CDPDNet, Demo").first.click()  # the study list came through the server's DICOMweb proxy
@@ -88,6 +89,11 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
             page.mouse.click(box["x"] + box["width"] + 30, box["y"] + box["height"] / 2)
             run = page.locator("button[title='Run Segmentation']")
             run.wait_for(timeout=60_000)
+            # the panel writes a result into the labelmap it creates on connecting, and drops the result
+            # ("Volume Object is NOT In Cache") when that labelmap is not there yet: a user sees the
+            # segment list appear before pressing Run; a loaded CI machine can take a while to get there
+            page.wait_for_function("() => !!window.services.segmentationService.getLabelmapVolume('1')",
+                                   timeout=120_000)
             time.sleep(3)
             before = _png(page, "ohif-before-autoseg.png")
             # the panel's notice shows for a few seconds only: note it whenever it appears
@@ -106,7 +112,8 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
             after = _png(page, "ohif-autoseg.png")
             (ARTIFACTS / "ohif-segments.json").write_text(json.dumps(present, indent=1))
             browser.close()
-        assert present, f"no segment voxels after Run; page errors: {errors[:3]}\n{log.read_text()[-3000:]}"
+        assert present, (f"no segment voxels after Run; page errors: {errors[:3]}; console: {console[-15:]}\n"
+                         f"{log.read_text()[-3000:]}")
         rois = set(labels_dict())
         assert set(present) <= rois, f"segments not named as ROIs: {set(present) - rois}"
         # the viewport shows it: coloured overlay pixels appeared where the image was grey
