@@ -70,6 +70,9 @@ def main() -> None:
                     help="with --rescore: this sliding-window overlap instead of the checkpoint preset's")
     ap.add_argument("--lesion-threshold", type=float,
                     help="with --rescore: this threshold for the lesion channels instead of the checkpoint preset's")
+    ap.add_argument("--roi-thresholds", metavar="JSON",
+                    help="with --rescore: a JSON file {ROI name: threshold} (e.g. from bench/choose_roi_thresholds.py) "
+                         "instead of the checkpoint preset's infer.roi_thresholds")
     ap.add_argument("--test-data", help="with --rescore: the test split of this dataset.json instead of --out's phantoms "
                                         "(e.g. fresh held-out phantoms: python -m cdpdnet phantoms DIR --per-source 0 "
                                         "--heldout 4 --seed 7)")
@@ -85,13 +88,15 @@ def main() -> None:
             raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
         meta = json.loads((out / "results.json").read_text())["meta"]
         dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
-        infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap}
+        infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap,
+                 "roi_thresholds": json.loads(Path(a.roi_thresholds).read_text()) if a.roi_thresholds else None}
         results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold, **infer) for loss in meta
                    if a.only is None or loss == a.only}
         meta = {loss: meta[loss] for loss in results}
         tag = ("-rescored" + (f"-t{a.threshold:g}" if a.threshold else "")
                + (f"-lt{a.lesion_threshold:g}" if a.lesion_threshold else "")
                + (f"-ov{a.overlap:g}" if a.overlap is not None else "")
+               + (f"-rt{Path(a.roi_thresholds).stem}" if a.roi_thresholds else "")
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, suffix=tag)  # the training run's own report stays
         return

@@ -52,11 +52,28 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _roi_thresholds(items: list[str] | None) -> dict[str, float] | None:
+    """``["celiac_trunk=0.25", ...]`` -> ``{"celiac_trunk": 0.25}``; None (the preset's) when not given."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--roi-threshold takes NAME=VALUE (e.g. celiac_trunk=0.25), got {item!r}")
+    return out
+
+
 def cmd_infer(a) -> int:
     from .inference import Segmenter
 
     seg = Segmenter(a.model, device=a.device, overlap=a.overlap, threshold=a.threshold,
-                    lesion_threshold=a.lesion_threshold, postprocess=not a.no_postprocess)
+                    lesion_threshold=a.lesion_threshold, roi_thresholds=_roi_thresholds(a.roi_threshold),
+                    postprocess=not a.no_postprocess)
     inputs = [Path(p) for p in a.input]
     out = Path(a.output)
     if len(inputs) > 1 and out.suffix:
@@ -191,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="sigmoid threshold (default: the preset's, 0.5 if it has none)")
     s.add_argument("--lesion-threshold", type=float,
                    help="sigmoid threshold of the tumour and cyst channels (default: the preset's, else --threshold)")
+    s.add_argument("--roi-threshold", action="append", metavar="NAME=VALUE",
+                   help="threshold of one ROI, above the two others (repeatable; default: the preset's "
+                        "infer.roi_thresholds)")
     s.add_argument("--no-postprocess", action="store_true", help="skip connected-component post-processing")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_infer)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,12 +73,16 @@ class Segmenter:
         overlap, sw_batch_size, threshold: override the preset's ``infer`` settings.
         lesion_threshold: the threshold of the lesion channels (tumours, cyst); default the preset's
             ``infer.lesion_threshold``, else ``threshold``.
+        roi_thresholds: ``{ROI name or label value: threshold}`` for single ROIs, above both; default
+            the preset's ``infer.roi_thresholds`` (``{}`` turns it off). An ROI without an entry keeps
+            ``lesion_threshold`` or ``threshold``.
         postprocess: apply the post-processing rules.
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str | torch.device = "cpu", overlap: float | None = None,
                  sw_batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
-                 amp: bool | None = None, lesion_threshold: float | None = None):
+                 amp: bool | None = None, lesion_threshold: float | None = None,
+                 roi_thresholds: Mapping[str | int, float] | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else model_from_checkpoint(model, device)
         self.device = torch.device(device)
         self.loaded.model.to(self.device).eval()
@@ -90,7 +94,11 @@ class Segmenter:
         self.threshold = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
         lt = cfg.get("lesion_threshold", self.threshold) if lesion_threshold is None else lesion_threshold
         self.lesion_threshold = float(self.threshold if lt is None else lt)
-        for name, t in (("threshold", self.threshold), ("lesion_threshold", self.lesion_threshold)):
+        per_roi = (cfg.get("roi_thresholds") or {}) if roi_thresholds is None else roi_thresholds
+        self.roi_thresholds = {roi(k).index: float(t) for k, t in dict(per_roi).items()}
+        checks = [("threshold", self.threshold), ("lesion_threshold", self.lesion_threshold)]
+        checks += [(f"roi_thresholds[{ROIS[c - 1].name!r}]", t) for c, t in self.roi_thresholds.items()]
+        for name, t in checks:
             if not 0.0 < t < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {t}")
         if not 0.0 <= self.overlap < 1.0:
@@ -112,7 +120,10 @@ class Segmenter:
         return sorted({roi(r).index for r in rois})
 
     def threshold_of(self, c: int) -> float:
-        """The sigmoid threshold of ROI ``c`` (label value): ``lesion_threshold`` for lesions."""
+        """The sigmoid threshold of ROI ``c`` (label value): its own from ``roi_thresholds``, else
+        ``lesion_threshold`` for lesions and ``threshold`` for organs."""
+        if c in self.roi_thresholds:
+            return self.roi_thresholds[c]
         return self.lesion_threshold if ROIS[c - 1].is_lesion else self.threshold
 
     @torch.no_grad()

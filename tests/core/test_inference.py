@@ -158,6 +158,12 @@ def test_cli_infer_and_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert main(["infer", "--model", str(tiny_checkpoint), "--input", str(tmp_path / "ct.nii.gz"),
                  "--output", str(tmp_path / "out.nii.gz"), "--rois", "liver,spleen"]) == 0
     assert nib.load(tmp_path / "out.nii.gz").shape == ph.image.shape
+    assert main(["infer", "--model", str(tiny_checkpoint), "--input", str(tmp_path / "ct.nii.gz"), "--output",
+                 str(tmp_path / "o2.nii.gz"), "--rois", "liver", "--roi-threshold", "liver=0.3"]) == 0
+    for bad, says in (("liver:0.3", "NAME=VALUE"), ("livr=0.3", "livr"), ("liver=1.3", "must be in (0, 1)")):
+        assert main(["infer", "--model", str(tiny_checkpoint), "--input", str(tmp_path / "ct.nii.gz"),
+                     "--output", str(tmp_path / "o3.nii.gz"), "--roi-threshold", bad]) == 2
+        assert says in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert main(["infer", "--model", str(tmp_path / "junk.pt"), "--input", str(tmp_path / "ct.nii.gz"),
                  "--output", str(tmp_path / "o.nii.gz")]) == 2
@@ -204,8 +210,9 @@ def test_coarse_model_draws_smooth_borders_on_a_fine_input(segmenter, monkeypatc
     assert not (pred & small).any()
 
 
-def test_lesion_threshold_applies_to_lesions_only(tiny_checkpoint, monkeypatch):
-    """``lesion_threshold`` cuts the tumour and cyst channels, ``threshold`` the organs."""
+def _liver_with_uncertain_tumour(monkeypatch) -> np.ndarray:
+    """A 40^3 volume (3 mm) of an organ sphere with a lesion inside, and a model (monkeypatched) that
+    gives the liver p = 0.9 and the liver tumour p = 0.35 on the lesion, -10 logits elsewhere."""
     n = 40
     grid = np.stack(np.meshgrid(*[np.arange(n) * 3.0] * 3, indexing="ij"), -1)
     r = np.linalg.norm(grid - 60.0, axis=-1)
@@ -219,6 +226,13 @@ def test_lesion_threshold_applies_to_lesions_only(tiny_checkpoint, monkeypatch):
         return out
 
     monkeypatch.setattr(Segmenter, "predict_logits", oracle)
+    return img.astype(np.float32)
+
+
+def test_lesion_threshold_applies_to_lesions_only(tiny_checkpoint, monkeypatch):
+    """``lesion_threshold`` cuts the tumour and cyst channels, ``threshold`` the organs."""
+    img = _liver_with_uncertain_tumour(monkeypatch)
+    liver, tumour = roi_index("liver"), roi_index("liver_tumor")
     aff = np.diag([3.0, 3.0, 3.0, 1.0])
     found = {}
     for lt in (0.3, 0.4):
@@ -230,3 +244,30 @@ def test_lesion_threshold_applies_to_lesions_only(tiny_checkpoint, monkeypatch):
     assert Segmenter(tiny_checkpoint, threshold=0.45).lesion_threshold == 0.45  # default: the threshold
     with pytest.raises(ValueError, match="lesion_threshold must be in"):
         Segmenter(tiny_checkpoint, lesion_threshold=1.5)
+
+
+def test_roi_thresholds_override_for_single_rois(tiny_checkpoint, monkeypatch):
+    """``roi_thresholds`` (argument, else the preset's ``infer.roi_thresholds``) sets one ROI's threshold
+    above ``threshold`` and ``lesion_threshold``; names go through the taxonomy (synonyms too)."""
+    img = _liver_with_uncertain_tumour(monkeypatch)
+    liver, tumour = roi_index("liver"), roi_index("liver_tumor")
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+
+    def present(seg: Segmenter) -> set[int]:
+        return set(np.unique(seg.segment(img, rois=["liver", "liver_tumor"], affine=aff).label).tolist()) - {0}
+
+    assert present(Segmenter(tiny_checkpoint, threshold=0.4, lesion_threshold=0.4)) == {liver}
+    seg = Segmenter(tiny_checkpoint, threshold=0.4, lesion_threshold=0.4, roi_thresholds={"liver tumour": 0.3})
+    assert seg.threshold_of(tumour) == 0.3 and seg.threshold_of(liver) == 0.4
+    assert seg.threshold_of(roi_index("kidney_tumor")) == 0.4  # other lesions keep lesion_threshold
+    assert present(seg) == {liver, tumour}
+    # the preset's map is the default, {} turns it off, and an entry beats lesion_threshold either way
+    loaded = model_from_checkpoint(tiny_checkpoint)
+    loaded.preset.infer["roi_thresholds"] = {"liver_tumor": 0.3, "liver": 0.8}
+    assert present(Segmenter(loaded, threshold=0.4, lesion_threshold=0.5)) == {liver, tumour}
+    assert present(Segmenter(loaded, roi_thresholds={"liver": 0.95})) == set()  # the tumour goes with its host
+    assert present(Segmenter(loaded, threshold=0.4, lesion_threshold=0.4, roi_thresholds={})) == {liver}
+    with pytest.raises(UnknownROIError):
+        Segmenter(tiny_checkpoint, roi_thresholds={"livr tumour": 0.3})
+    with pytest.raises(ValueError, match="roi_thresholds\\['celiac_trunk'\\] must be in"):
+        Segmenter(tiny_checkpoint, roi_thresholds={"celiac_trunk": 0.0})
