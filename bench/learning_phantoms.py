@@ -1,4 +1,4 @@
-"""Learning benchmark (not a test): train ``lite`` on partially labelled phantoms on the CPU, twice.
+"""Learning benchmark (not a test): train ``lite-wide`` on partially labelled phantoms on the CPU, twice.
 
 1. CDPDNet's partial-label loss (only annotated ROIs supervised);
 2. the naive baseline: the same model and budget, unannotated ROIs treated as background.
@@ -55,12 +55,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-learning")
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget per model")
-    ap.add_argument("--per-source", type=int, default=8, help="training phantoms per virtual source")
+    ap.add_argument("--per-source", type=int, default=48,
+                    help="training phantoms per virtual source (default 48; 8 before 2026-11-30, see docs/benchmarks.md)")
     ap.add_argument("--heldout", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1000, help="upper bound; the time budget ends training first")
     ap.add_argument("--iterations", type=int, default=40, help="iterations per epoch (logging granularity)")
     ap.add_argument("--only", choices=["partial", "naive"], help="train just one of the two")
-    ap.add_argument("--preset", default="lite", help="preset name or JSON file (default lite)")
+    ap.add_argument("--preset", default="lite-wide",
+                    help="preset name or JSON file (default lite-wide, the CPU default; lite before 2026-11-30)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (initialisation, sampling, crops)")
     ap.add_argument("--rescore", action="store_true",

@@ -12,7 +12,7 @@ lungs by threshold (:mod:`cdpdnet.threshold_lungs`, a classical reference, not a
 Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/unseen_ct.py MODEL.pt data/demo/images/totalseg_aorta_report_ct.nii.gz \\
-        data/demo/images/pyradiomics_lung1.nii.gz [--json out.json]
+        data/demo/images/pyradiomics_lung1.nii.gz [--json out.json] [--roi-thresholds FILE.json]
 
 Prints a markdown table. The figures are in docs/benchmarks.md.
 """
@@ -82,11 +82,14 @@ def main(argv=None) -> int:
     ap.add_argument("model", help="a CDPDNet checkpoint (.pt)")
     ap.add_argument("images", nargs="+", help="chest CTs (NIfTI, NRRD, DICOM folder)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--roi-thresholds", metavar="JSON",
+                    help="a JSON file {ROI name: threshold} instead of the checkpoint preset's infer.roi_thresholds "
+                         "(a file holding {} turns them off)")
     a = ap.parse_args(argv)
 
     from cdpdnet.inference import Segmenter
 
-    seg = Segmenter(a.model)
+    seg = Segmenter(a.model, roi_thresholds=json.loads(Path(a.roi_thresholds).read_text()) if a.roi_thresholds else None)
     rows = [score(seg, p) for p in a.images]
     print(f"model: {a.model}\n")
     print("| image | Dice right lung | Dice left lung | Dice both lungs | lung (ml) given to other ROIs | largest claims (ml) |")
