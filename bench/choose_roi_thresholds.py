@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def per_run_dice(run: Path, threshold: float, suffix: str, loss: str) -> dict[str, float]:

@@ -58,13 +58,14 @@ def _roi_thresholds(items: list[str] | None) -> dict[str, float] | None:
         return None
     out = {}
     for item in items:
-        name, sep, value = item.rpartition("=")
+        name, _, value = item.rpartition("=")
         try:
-            out[name.strip()] = float(value)
+            threshold = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not name.strip():
+            threshold = None
+        if not name.strip() or threshold is None:
             raise ValueError(f"--roi-threshold takes NAME=VALUE (e.g. celiac_trunk=0.25), got {item!r}")
+        out[name.strip()] = threshold
     return out
 
 
