@@ -52,6 +52,14 @@ class PartialLabelLoss(nn.Module):
     the value equals the reference's gather on the annotated pairs. With nothing annotated the
     loss is a zero connected to the graph.
 
+    ``pos_fraction`` = :math:`f` > 0 (0 in the reference and by default) weights the BCE of a pair's
+    positive voxels by :math:`w = \max(1, f (N - Y) / Y)` (:math:`Y` positives among :math:`N`
+    voxels; still divided by :math:`N`), so that the positives of every pair whose target is not
+    empty weigh at least :math:`f` times its negatives. Large structures (:math:`Y/N \geq f/(1+f)`)
+    keep the plain BCE. A small or thin one trapped at a low probability keeps a pull of
+    :math:`w (1 - p) / N` per missed voxel, which the sigmoid's slope does not cancel (BCE on logits),
+    while the negatives' push, :math:`p / N` per voxel, fades as :math:`p` falls.
+
     ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
     an unannotated channel's target taken as given (0 everywhere from
     :class:`cdpdnet.data.PartialLabelToChannelsd`).
@@ -62,9 +70,13 @@ class PartialLabelLoss(nn.Module):
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  treat_unannotated_as_background: bool = False, log_dice: bool = False,
-                 focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None) -> None:
+                 focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
+                 pos_fraction: float = 0.0) -> None:
         super().__init__()
         self.log_dice = bool(log_dice)
+        if not 0.0 <= float(pos_fraction) < 1.0:
+            raise ValueError(f"pos_fraction must be in [0, 1), got {pos_fraction!r}")
+        self.pos_fraction = float(pos_fraction)
         if not float(focal_gamma) >= 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma!r}")
         self.focal_gamma = float(focal_gamma)
@@ -98,6 +110,10 @@ class PartialLabelLoss(nn.Module):
                 term = sigmoid_focal_loss(zc, yc, alpha=-1, gamma=self.focal_gamma, reduction="none")
             else:
                 term = F.binary_cross_entropy_with_logits(zc, yc, reduction="none")
+            if self.pos_fraction > 0:  # positives up-weighted where they are few (see the class docstring)
+                n_pos = yc.sum(-1, keepdim=True)
+                w = (self.pos_fraction * (yc.shape[-1] - n_pos) / n_pos.clamp_min(1.0)).clamp_min(1.0)
+                term = term * (1.0 + (w - 1.0) * yc)
             bce = term.mean(-1) if chosen is None else bce.index_copy(1, chosen, term.mean(-1))
         p = torch.sigmoid(z)
         inter = (p * y).sum(-1)
@@ -142,9 +158,10 @@ class NaiveBackgroundLoss(PartialLabelLoss):
     """Naive baseline: every channel supervised, unannotated ROIs taken as background."""
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 log_dice: bool = False, focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None) -> None:
+                 log_dice: bool = False, focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
+                 pos_fraction: float = 0.0) -> None:
         super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True, log_dice=log_dice,
-                         focal_gamma=focal_gamma, focal_channels=focal_channels)
+                         focal_gamma=focal_gamma, focal_channels=focal_channels, pos_fraction=pos_fraction)
 
 
 class DeepSupervisionLoss(nn.Module):

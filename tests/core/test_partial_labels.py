@@ -142,6 +142,41 @@ def test_focal_gamma_silences_easy_negatives_and_keeps_the_pull_of_missed_positi
         PartialLabelLoss(focal_gamma=-1.0)
 
 
+def test_pos_fraction_pulls_small_structures_and_leaves_large_ones_and_empty_pairs_alone():
+    """``pos_fraction``: 0 is the plain BCE; at 0.01 the 27 positives of a 1000-voxel pair weigh
+    0.01 * 973 / 27 = 0.36 < 1, so nothing changes, while in a 8000-voxel pair they get weight
+    0.01 * 7973 / 27 = 2.95 on their pull; a pair with half its voxels positive, a pair with an empty
+    target and every negative voxel keep the plain BCE; unannotated channels get no gradient; a
+    fraction outside [0, 1) is refused."""
+    logits, target, annotated = _random_batch(seed=6)
+    assert torch.allclose(PartialLabelLoss(pos_fraction=0.0)(logits, target, annotated),
+                          PartialLabelLoss()(logits, target, annotated))
+
+    def grads(fraction: float, y: torch.Tensor, ann: torch.Tensor):
+        z = torch.full(y.shape, -6.0, requires_grad=True)  # a channel trapped near its prior
+        PartialLabelLoss(dice_weight=0.0, pos_fraction=fraction)(z, y, ann).backward()
+        return z.grad
+
+    small = torch.zeros(1, 1, 10, 10, 10)
+    small[0, 0, :3, :3, :3] = 1
+    assert torch.allclose(grads(0.01, small, None), grads(0.0, small, None))
+    y = torch.zeros(1, 4, 20, 20, 20)
+    y[0, 0, :3, :3, :3] = 1  # small lesion
+    y[0, 1, :10] = 1  # large organ
+    y[0, 3, :3, :3, :3] = 1  # unannotated
+    ann = torch.tensor([[True, True, True, False]])
+    plain, weighted = grads(0.0, y, ann), grads(0.01, y, ann)
+    pos = y[0, 0] > 0
+    assert torch.allclose(weighted[0, 0][pos], plain[0, 0][pos] * (0.01 * 7973 / 27), rtol=1e-4)
+    assert weighted[0, 0][pos].max() < 0
+    assert torch.equal(weighted[0, 0][~pos], plain[0, 0][~pos])
+    assert torch.equal(weighted[0, 1:3], plain[0, 1:3])  # large organ, empty target
+    assert torch.all(weighted[0, 3] == 0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="pos_fraction must be in"):
+            PartialLabelLoss(pos_fraction=bad)
+
+
 def test_deep_supervision_loss_weights_scales_and_keeps_small_lesions():
     """Full-resolution loss weighted 4/7, the next scales 2/7 and 1/7 against the target averaged down:
     a one-voxel lesion is still a (fractional) target at 1/8 of the resolution, and unannotated

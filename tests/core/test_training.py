@@ -89,9 +89,11 @@ def _lesion_mask():
     ("focal_gamma", 2.0, -1.0, "train.focal_gamma must be a number >= 0", lambda f: f.focal_gamma == 2.0),
     ("focal_on", "lesions", "organs", "train.focal_on must be 'all' or 'lesions'",
      lambda f: f.focal_channels is not None and f.focal_channels.tolist() == _lesion_mask()),
+    ("bce_pos_fraction", 0.01, 1.0, r"train.bce_pos_fraction must be a number in \[0, 1\)",
+     lambda f: f.pos_fraction == 0.01),
 ])
 def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
-    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` reach the loss the trainer uses (off by
+    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` reach the loss the trainer uses (off by
     default); a bad value is refused with a message that names the key."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
@@ -105,7 +107,7 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
             with pytest.raises(ValueError, match=message):
                 Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))
     plain = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).loss_fn
-    assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None
+    assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None and plain.pos_fraction == 0
 
 
 def test_refuses_unlabelled_samples(phantoms):
