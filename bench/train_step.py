@@ -41,7 +41,7 @@ def main() -> None:
     net = model.net.to(memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = PartialLabelLoss()
-    x = torch.rand(a.batch, 1, *preset.patch_size).contiguous(memory_format=layout)
+    x = torch.rand(a.batch, preset.network.in_channels, *preset.patch_size).contiguous(memory_format=layout)
     target = (torch.rand(a.batch, preset.network.num_classes, *preset.patch_size) > 0.9).to(torch.uint8)
     annotated = torch.ones(a.batch, preset.network.num_classes)
     task = torch.zeros(a.batch, dtype=torch.long)

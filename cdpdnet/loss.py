@@ -58,7 +58,8 @@ class PartialLabelLoss(nn.Module):
     empty weigh at least :math:`f` times its negatives. Large structures (:math:`Y/N \geq f/(1+f)`)
     keep the plain BCE. A small or thin one trapped at a low probability keeps a pull of
     :math:`w (1 - p) / N` per missed voxel, which the sigmoid's slope does not cancel (BCE on logits),
-    while the negatives' push, :math:`p / N` per voxel, fades as :math:`p` falls.
+    while the negatives' push, :math:`p / N` per voxel, fades as :math:`p` falls. ``pos_channels``
+    (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions).
 
     ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
     an unannotated channel's target taken as given (0 everywhere from
@@ -71,12 +72,13 @@ class PartialLabelLoss(nn.Module):
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  treat_unannotated_as_background: bool = False, log_dice: bool = False,
                  focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
-                 pos_fraction: float = 0.0) -> None:
+                 pos_fraction: float = 0.0, pos_channels: torch.Tensor | None = None) -> None:
         super().__init__()
         self.log_dice = bool(log_dice)
         if not 0.0 <= float(pos_fraction) < 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1), got {pos_fraction!r}")
         self.pos_fraction = float(pos_fraction)
+        self.pos_channels = None if pos_channels is None else torch.as_tensor(pos_channels, dtype=torch.bool)
         if not float(focal_gamma) >= 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma!r}")
         self.focal_gamma = float(focal_gamma)
@@ -113,6 +115,9 @@ class PartialLabelLoss(nn.Module):
             if self.pos_fraction > 0:  # positives up-weighted where they are few (see the class docstring)
                 n_pos = yc.sum(-1, keepdim=True)
                 w = (self.pos_fraction * (yc.shape[-1] - n_pos) / n_pos.clamp_min(1.0)).clamp_min(1.0)
+                if self.pos_channels is not None:
+                    on = self.pos_channels.to(w.device)
+                    w = torch.where((on if chosen is None else on[chosen]).view(1, -1, 1), w, torch.ones_like(w))
                 term = term * (1.0 + (w - 1.0) * yc)
             bce = term.mean(-1) if chosen is None else bce.index_copy(1, chosen, term.mean(-1))
         p = torch.sigmoid(z)
@@ -159,9 +164,10 @@ class NaiveBackgroundLoss(PartialLabelLoss):
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  log_dice: bool = False, focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
-                 pos_fraction: float = 0.0) -> None:
+                 pos_fraction: float = 0.0, pos_channels: torch.Tensor | None = None) -> None:
         super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True, log_dice=log_dice,
-                         focal_gamma=focal_gamma, focal_channels=focal_channels, pos_fraction=pos_fraction)
+                         focal_gamma=focal_gamma, focal_channels=focal_channels, pos_fraction=pos_fraction,
+                         pos_channels=pos_channels)
 
 
 class DeepSupervisionLoss(nn.Module):

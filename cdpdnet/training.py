@@ -348,8 +348,13 @@ class Trainer:
         pos_fraction = t.get("bce_pos_fraction", 0.0)
         if isinstance(pos_fraction, bool) or not isinstance(pos_fraction, (int, float)) or not 0 <= pos_fraction < 1:
             raise ValueError(f"train.bce_pos_fraction must be a number in [0, 1) (0 = plain BCE), got {pos_fraction!r}")
+        pos_on = t.get("bce_pos_on", "all")
+        if pos_on not in ("all", "lesions"):
+            raise ValueError(f"train.bce_pos_on must be 'all' or 'lesions', got {pos_on!r}")
+        lesion_channels = torch.as_tensor(LESIONS[1:] > 0)
         kw = dict(log_dice=log_dice, focal_gamma=float(gamma), pos_fraction=float(pos_fraction),
-                  focal_channels=torch.as_tensor(LESIONS[1:] > 0) if focal_on == "lesions" else None)
+                  focal_channels=lesion_channels if focal_on == "lesions" else None,
+                  pos_channels=lesion_channels if pos_on == "lesions" else None)
         self.loss_fn = NaiveBackgroundLoss(**kw) if self.cfg.loss == "naive" else PartialLabelLoss(**kw)
         self.deep_supervision = int(self.preset.network.deep_supervision)
         if self.deep_supervision:

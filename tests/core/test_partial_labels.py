@@ -172,6 +172,13 @@ def test_pos_fraction_pulls_small_structures_and_leaves_large_ones_and_empty_pai
     assert torch.equal(weighted[0, 0][~pos], plain[0, 0][~pos])
     assert torch.equal(weighted[0, 1:3], plain[0, 1:3])  # large organ, empty target
     assert torch.all(weighted[0, 3] == 0)
+    only_second = PartialLabelLoss(dice_weight=0.0, pos_fraction=0.01, pos_channels=torch.tensor([False, True]))
+    z = torch.full((1, 2, 20, 20, 20), -6.0, requires_grad=True)
+    both = torch.stack([y[0, 0], y[0, 0]])[None]
+    only_second(z, both).backward()
+    assert torch.equal(z.grad[0, 0], grads(0.0, both, None)[0, 0])
+    assert torch.allclose(z.grad[0, 1], grads(0.01, both, None)[0, 1])
+    assert not torch.allclose(z.grad[0, 0], z.grad[0, 1])
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="pos_fraction must be in"):
             PartialLabelLoss(pos_fraction=bad)
