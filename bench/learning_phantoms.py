@@ -58,6 +58,10 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=48,
                     help="training phantoms per virtual source (default 48; 8 before 2026-11-30, see docs/benchmarks.md)")
     ap.add_argument("--heldout", type=int, default=3)
+    ap.add_argument("--phantoms", metavar="DIR",
+                    help="train and score on the phantom dataset already in DIR (an earlier run's OUT/phantoms, or "
+                         "`python -m cdpdnet phantoms DIR`) instead of writing a new one; --per-source and --heldout "
+                         "are then not used (the defaults write the same phantoms each time, in about 4 minutes)")
     ap.add_argument("--epochs", type=int, default=1000, help="upper bound; the time budget ends training first")
     ap.add_argument("--iterations", type=int, default=40, help="iterations per epoch (logging granularity)")
     ap.add_argument("--only", choices=["partial", "naive"], help="train just one of the two")
@@ -102,7 +106,15 @@ def main() -> None:
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, suffix=tag)  # the training run's own report stays
         return
-    data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))
+    if a.phantoms:
+        data = Path(a.phantoms) / "dataset.json"
+        if not data.is_file():
+            raise SystemExit(f"--phantoms: {data} not found (a folder written by an earlier run or `cdpdnet phantoms`)")
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "phantoms").exists():  # --rescore finds the held-out phantoms there
+            (out / "phantoms").symlink_to(Path(a.phantoms).resolve(), target_is_directory=True)
+    else:
+        data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))
     dl = load_datalist(data)
     results, meta = {}, {}
     for loss in (["partial", "naive"] if a.only is None else [a.only]):
