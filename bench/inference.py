@@ -200,7 +200,7 @@ def run_cdpdnet(image: str, preset: str, out_label: str, lite_model: str | None,
     st["dino"] = dino.seconds * scale
     st["cnn"] = (whole.seconds - dino.seconds) * scale
     st["sw_overhead"] = max(res.timings["network"] - whole.seconds, 0.0)
-    x = torch.zeros(1, 1, *seg.preset.patch_size, device=device)
+    x = torch.zeros(1, seg.preset.network.in_channels, *seg.preset.patch_size, device=device)
     with torch.no_grad():
         f_all = flops_of(lambda: model(x, torch.tensor([-1], device=device)))
         f_dino = flops_of(lambda: model.dino(x))
