@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--phantoms", metavar="DIR",
                     help="train and score on the phantom dataset already in DIR (an earlier run's OUT/phantoms, or "
                          "`python -m cdpdnet phantoms DIR`) instead of writing a new one; --per-source and --heldout "
-                         "are then not used (the defaults write the same phantoms each time, in about 4 minutes)")
+                         "are then not used (the defaults write the same phantoms each time, which takes about 5 minutes)")
     ap.add_argument("--epochs", type=int, default=1000, help="upper bound; the time budget ends training first")
     ap.add_argument("--iterations", type=int, default=40, help="iterations per epoch (logging granularity)")
     ap.add_argument("--only", choices=["partial", "naive"], help="train just one of the two")
