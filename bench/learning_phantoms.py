@@ -111,8 +111,12 @@ def main() -> None:
         if not data.is_file():
             raise SystemExit(f"--phantoms: {data} not found (a folder written by an earlier run or `cdpdnet phantoms`)")
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / "phantoms").exists():  # --rescore finds the held-out phantoms there
-            (out / "phantoms").symlink_to(Path(a.phantoms).resolve(), target_is_directory=True)
+        link = out / "phantoms"  # --rescore finds the held-out phantoms there
+        if not link.exists():
+            link.symlink_to(Path(a.phantoms).resolve(), target_is_directory=True)
+        elif link.resolve() != Path(a.phantoms).resolve():
+            raise SystemExit(f"--phantoms: {link} already holds other phantoms; --rescore would score on those. "
+                             "Use a new --out.")
     else:
         data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))
     dl = load_datalist(data)
