@@ -31,8 +31,8 @@ def main() -> None:
 
     from cdpdnet.device import memory_format
     from cdpdnet.factory import build_model
-    from cdpdnet.loss import PartialLabelLoss
     from cdpdnet.preset import load_preset
+    from cdpdnet.training import loss_from_preset
 
     torch.manual_seed(0)
     preset = load_preset(a.preset, json.loads(a.override))
@@ -40,10 +40,11 @@ def main() -> None:
     layout = memory_format(torch.device("cpu")) if a.layout == "auto" else torch.contiguous_format
     net = model.net.to(memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    loss_fn = PartialLabelLoss()
+    loss_fn = loss_from_preset(preset.train)  # the preset's loss, as the trainer builds it
     x = torch.rand(a.batch, preset.network.in_channels, *preset.patch_size).contiguous(memory_format=layout)
     target = (torch.rand(a.batch, preset.network.num_classes, *preset.patch_size) > 0.9).to(torch.uint8)
-    annotated = torch.ones(a.batch, preset.network.num_classes)
+    # two sources' worth of annotation: half the channels unknown (what the exclusion term works on)
+    annotated = torch.arange(preset.network.num_classes).repeat(a.batch, 1) % 2 == torch.arange(a.batch)[:, None] % 2
     task = torch.zeros(a.batch, dtype=torch.long)
 
     def step() -> tuple[float, float, float]:

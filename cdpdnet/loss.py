@@ -61,6 +61,24 @@ class PartialLabelLoss(nn.Module):
     while the negatives' push, :math:`p / N` per voxel, fades as :math:`p` falls. ``pos_channels``
     (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions).
 
+    ``exclusion`` (a ``[C, C]`` 0/1 matrix, ``exclusion[c, d] = 1`` when a voxel of ROI ``d`` cannot be
+    ROI ``c``; none in the reference and by default) adds what the annotated ROIs say about the
+    unannotated channels: a voxel inside an annotated ROI ``d`` is a known negative of every
+    unannotated channel ``c`` it excludes (the exclusion loss idea of Shi et al., "Marginal loss and
+    exclusion loss for partially supervised multi-organ segmentation", MedIA 2021, here as a BCE
+    towards 0 on those voxels only). With :math:`k_{bcv} = \min(1, \sum_d \mathrm{exclusion}[c, d]\,
+    a_{bd}\, y_{bdv})` (a fraction for a down-sampled target) and :math:`U` the unannotated pairs
+    with some :math:`k > 0`:
+
+    .. math::
+
+        L_\mathrm{excl} = \frac{1}{|U|} \sum_{(b,c) \in U} \operatorname{mean}_v
+            k_{bcv} \log(1 + e^{z_{bcv}}),
+        \qquad L \mathrel{+}= w_\mathrm{excl} L_\mathrm{excl}
+
+    Everywhere else an unannotated channel stays unknown (no gradient): the background of a
+    partially labelled image is not a negative, a voxel of a labelled organ is.
+
     ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
     an unannotated channel's target taken as given (0 everywhere from
     :class:`cdpdnet.data.PartialLabelToChannelsd`).
@@ -72,9 +90,18 @@ class PartialLabelLoss(nn.Module):
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  treat_unannotated_as_background: bool = False, log_dice: bool = False,
                  focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
-                 pos_fraction: float = 0.0, pos_channels: torch.Tensor | None = None) -> None:
+                 pos_fraction: float = 0.0, pos_channels: torch.Tensor | None = None,
+                 exclusion: torch.Tensor | None = None, exclusion_weight: float = 1.0) -> None:
         super().__init__()
         self.log_dice = bool(log_dice)
+        if exclusion is not None:
+            exclusion = torch.as_tensor(exclusion, dtype=torch.float32)
+            if exclusion.ndim != 2 or exclusion.shape[0] != exclusion.shape[1]:
+                raise ValueError(f"exclusion must be a square [C, C] matrix, got {tuple(exclusion.shape)}")
+        if not float(exclusion_weight) >= 0:
+            raise ValueError(f"exclusion_weight must be >= 0, got {exclusion_weight!r}")
+        self.exclusion = exclusion
+        self.exclusion_weight = float(exclusion_weight)
         if not 0.0 <= float(pos_fraction) < 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1), got {pos_fraction!r}")
         self.pos_fraction = float(pos_fraction)
@@ -93,8 +120,10 @@ class PartialLabelLoss(nn.Module):
         """Unmasked ``(bce [B,C], dice [B,C])`` of every (sample, channel) pair, in float32."""
         if logits.shape != target.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
-        z = _plain(logits).float().flatten(2)
-        y = _plain(target).to(dtype=z.dtype).flatten(2)
+        # contiguous first: the network's channels-last 3D logits would make every element-wise op
+        # below take a strided path (0.14-0.18 s instead of 0.07 s per step of lite-wide on 2 cores)
+        z = _plain(logits).float().contiguous().flatten(2)
+        y = _plain(target).to(dtype=z.dtype).contiguous().flatten(2)
         focal = torch.zeros(z.shape[1], dtype=torch.bool) if self.focal_gamma == 0 else (
             torch.ones(z.shape[1], dtype=torch.bool) if self.focal_channels is None else self.focal_channels)
         bce = z.new_empty(z.shape[:2])
@@ -145,10 +174,27 @@ class PartialLabelLoss(nn.Module):
         dice_m = torch.where(mask, dice, zero).sum() / n
         loss = self.bce_weight * bce_m + self.dice_weight * dice_m
         self._last = {"bce": bce_m.detach(), "dice": dice_m.detach(), "pairs": mask.sum().detach()}
+        if self.exclusion is not None and self.exclusion_weight > 0 and not bool(mask.all()):
+            excl = self.exclusion_term(logits, target, mask)
+            loss = loss + self.exclusion_weight * excl
+            self._last["exclusion"] = excl.detach()
         return loss
 
+    def exclusion_term(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        """:math:`L_\mathrm{excl}` (class docstring): BCE towards 0 of the unannotated channels on the voxels
+        of the annotated ROIs they exclude; ``annotated`` a bool ``[B, C]``."""
+        C = logits.shape[1]
+        if self.exclusion.shape != (C, C):
+            raise ValueError(f"exclusion is {tuple(self.exclusion.shape)} but the logits have {C} channels")
+        z = _plain(logits).float().contiguous().flatten(2)
+        y = _plain(target).to(dtype=z.dtype).contiguous().flatten(2) * annotated[:, :, None].to(z.dtype)
+        known = torch.einsum("cd,bdv->bcv", self.exclusion.to(z), y).clamp_(max=1.0)  # [B, C, V], no grad
+        pairs = ~annotated & (known.amax(-1) > 0)
+        term = (F.softplus(z) * known).mean(-1)
+        return torch.where(pairs, term, term.new_zeros(())).sum() / pairs.sum().clamp_min(1).to(term.dtype)
+
     def components(self) -> dict[str, float]:
-        """``{"bce", "dice", "pairs"}`` of the last call, as Python numbers (syncs the device)."""
+        """``{"bce", "dice", "pairs"}`` (and ``"exclusion"`` when that term is on) of the last call, as Python numbers (syncs the device)."""
         out = {k: float(v) for k, v in self._last.items()}
         if "pairs" in out:
             out["pairs"] = int(out["pairs"])

@@ -41,6 +41,8 @@ __all__ = [
     "NameMapping",
     "map_label_names",
     "UnknownROIError",
+    "MAY_OVERLAP",
+    "may_overlap",
 ]
 
 
@@ -168,6 +170,51 @@ def labels_dict() -> dict[str, int]:
 def organ_prompt(r: ROI, template: str = "A computerized tomography of a {}", original_spelling: bool = True) -> str:
     """The text prompt of one ROI. The default reproduces the published CLIP prompt exactly."""
     return template.format(r.clip_name if original_spelling else r.display)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which ROIs may share voxels across annotation conventions. A label map holds one value per voxel,
+# but datasets draw borders differently: an organ label often includes the vessels inside it (BTCV's
+# liver holds the intrahepatic portal and hepatic veins and the intrahepatic IVC), and adjoining
+# tubes meet at conventions (oesophagus / stomach, colon / rectum). Besides these pairs, a lesion
+# may overlap its host organs, the lesions that share a host, and what its host may overlap.
+# Every other pair is exclusive: a voxel annotated as one is known not to be the other, which
+# the partial-label loss can use (``train.exclusion_weight``, see cdpdnet/loss.py).
+MAY_OVERLAP: tuple[tuple[str, str], ...] = (
+    ("liver", "hepatic_vessel"),
+    ("liver", "portal_vein_and_splenic_vein"),
+    ("liver", "inferior_vena_cava"),
+    ("hepatic_vessel", "portal_vein_and_splenic_vein"),
+    ("hepatic_vessel", "inferior_vena_cava"),
+    ("hepatic_vessel", "hepatic_vessel_tumor"),
+    ("hepatic_vessel", "liver_tumor"),
+    ("pancreas", "portal_vein_and_splenic_vein"),
+    ("pancreas", "duodenum"),
+    ("aorta", "celiac_trunk"),
+    ("esophagus", "stomach"),
+    ("stomach", "duodenum"),
+    ("duodenum", "small_bowel"),
+    ("small_bowel", "colon"),
+    ("colon", "rectum"),
+)
+
+
+def may_overlap(a: str | int, b: str | int) -> bool:
+    """Whether two ROIs may share voxels under some dataset's conventions (see :data:`MAY_OVERLAP`).
+
+    Symmetric; an ROI overlaps itself; a lesion overlaps its hosts, the lesions sharing a host and
+    whatever its hosts overlap."""
+    ra, rb = roi(a), roi(b)
+    if ra.index == rb.index:
+        return True
+    pairs = {frozenset(p) for p in MAY_OVERLAP}
+
+    def near(r: ROI) -> set[str]:  # the ROI and, for a lesion, its hosts
+        return {r.name, *r.hosts}
+
+    if ra.name in rb.hosts or rb.name in ra.hosts or (ra.is_lesion and rb.is_lesion and set(ra.hosts) & set(rb.hosts)):
+        return True
+    return any(frozenset((x, y)) in pairs for x in near(ra) for y in near(rb) if x != y)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,11 +49,52 @@ from .factory import LoadedModel, build_model, checkpoint_payload, model_from_ch
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
-from .taxonomy import NUM_CLASSES, ROIS, roi
+from .taxonomy import NUM_CLASSES, ROIS, may_overlap, roi
 
-__all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr"]
+__all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr", "loss_from_preset", "exclusion_matrix"]
 
 LESIONS = np.array([0] + [1 if r.is_lesion else 0 for r in ROIS], dtype=np.uint8)
+
+
+def exclusion_matrix() -> torch.Tensor:
+    """``[C, C]``: 1 where a voxel of ROI ``d`` cannot be ROI ``c`` (:func:`cdpdnet.taxonomy.may_overlap`), the
+    known negatives that ``train.exclusion_weight`` adds to the partial-label loss."""
+    return torch.tensor([[0.0 if may_overlap(c.index, d.index) else 1.0 for d in ROIS] for c in ROIS])
+
+
+def _number(t: dict, key: str, default: float, ok, rule: str) -> float:
+    v = t.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+        raise ValueError(f"train.{key} must be {rule}, got {v!r}")
+    return float(v)
+
+
+def _channels(t: dict, key: str) -> torch.Tensor | None:
+    """``"all"`` (None: every channel) or ``"lesions"`` (a bool mask of the lesion channels)."""
+    v = t.get(key, "all")
+    if v not in ("all", "lesions"):
+        raise ValueError(f"train.{key} must be 'all' or 'lesions', got {v!r}")
+    return torch.as_tensor(LESIONS[1:] > 0) if v == "lesions" else None
+
+
+def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
+    """The loss of a preset's ``train`` section: the reference's BCE + Dice over the annotated pairs, with
+    the options ``log_dice``, ``focal_gamma`` / ``focal_on``, ``bce_pos_fraction`` / ``bce_pos_on`` and
+    ``exclusion_weight`` (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
+    baseline that takes unannotated ROIs as background (no exclusion term: every channel is supervised)."""
+    log_dice = t.get("log_dice", False)
+    if not isinstance(log_dice, bool):
+        raise ValueError(f"train.log_dice must be true or false, got {log_dice!r}")
+    kw = dict(log_dice=log_dice,
+              focal_gamma=_number(t, "focal_gamma", 0.0, lambda v: v >= 0, "a number >= 0 (0 = plain BCE)"),
+              focal_channels=_channels(t, "focal_on"),
+              pos_fraction=_number(t, "bce_pos_fraction", 0.0, lambda v: 0 <= v < 1,
+                                   "a number in [0, 1) (0 = plain BCE)"),
+              pos_channels=_channels(t, "bce_pos_on"))
+    excl = _number(t, "exclusion_weight", 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)")
+    if naive:
+        return NaiveBackgroundLoss(**kw)
+    return PartialLabelLoss(**kw, exclusion=exclusion_matrix() if excl else None, exclusion_weight=excl)
 
 
 @dataclass
@@ -336,26 +377,7 @@ class Trainer:
             raise ValueError(f"unknown schedule {self.cfg.schedule!r}: use 'reference', 'finetune' or 'budget'")
         if self.cfg.schedule == "budget" and not self.cfg.max_minutes:
             raise ValueError("schedule 'budget' needs a time budget (max_minutes)")
-        log_dice = t.get("log_dice", False)
-        if not isinstance(log_dice, bool):
-            raise ValueError(f"train.log_dice must be true or false, got {log_dice!r}")
-        gamma = t.get("focal_gamma", 0.0)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"train.focal_gamma must be a number >= 0 (0 = plain BCE), got {gamma!r}")
-        focal_on = t.get("focal_on", "all")
-        if focal_on not in ("all", "lesions"):
-            raise ValueError(f"train.focal_on must be 'all' or 'lesions', got {focal_on!r}")
-        pos_fraction = t.get("bce_pos_fraction", 0.0)
-        if isinstance(pos_fraction, bool) or not isinstance(pos_fraction, (int, float)) or not 0 <= pos_fraction < 1:
-            raise ValueError(f"train.bce_pos_fraction must be a number in [0, 1) (0 = plain BCE), got {pos_fraction!r}")
-        pos_on = t.get("bce_pos_on", "all")
-        if pos_on not in ("all", "lesions"):
-            raise ValueError(f"train.bce_pos_on must be 'all' or 'lesions', got {pos_on!r}")
-        lesion_channels = torch.as_tensor(LESIONS[1:] > 0)
-        kw = dict(log_dice=log_dice, focal_gamma=float(gamma), pos_fraction=float(pos_fraction),
-                  focal_channels=lesion_channels if focal_on == "lesions" else None,
-                  pos_channels=lesion_channels if pos_on == "lesions" else None)
-        self.loss_fn = NaiveBackgroundLoss(**kw) if self.cfg.loss == "naive" else PartialLabelLoss(**kw)
+        self.loss_fn = loss_from_preset(t, naive=self.cfg.loss == "naive")
         self.deep_supervision = int(self.preset.network.deep_supervision)
         if self.deep_supervision:
             self.loss_fn = DeepSupervisionLoss(self.loss_fn)

@@ -69,6 +69,92 @@ def test_loss_equals_per_pair_loop_reference():
     assert torch.allclose(weighted.double(), 0.5 * bce + 2 * dice, atol=1e-5)
 
 
+def test_loss_on_channels_last_logits_matches_contiguous():
+    # the trainer's logits are channels-last 3D on the CPU; the loss reorders them, so value and gradient
+    # must not depend on the layout (and the gradient comes back in the caller's layout)
+    logits, target, annotated = _random_batch(seed=2)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        z = logits.clone().contiguous(memory_format=layout).requires_grad_(True)
+        y = target.contiguous(memory_format=layout)
+        loss = PartialLabelLoss(pos_fraction=0.01)(z, y, annotated)
+        loss.backward()
+        grads.append((float(loss.detach()), z.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-9)
+    assert grads[1][1].shape == logits.shape
+
+
+def test_exclusion_term_supervises_unannotated_channels_only_on_excluding_annotated_rois():
+    g = torch.Generator().manual_seed(3)
+    B, C, shape = 2, 4, (6, 5, 4)
+    logits = torch.randn(B, C, *shape, generator=g)
+    target = (torch.rand(B, C, *shape, generator=g) > 0.6).to(torch.uint8)
+    annotated = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    # channel 2 excludes 0 and 1; channel 3 excludes 1 only; channel 0 excludes 2 (1 may overlap 0)
+    excl = torch.zeros(C, C)
+    excl[2, 0] = excl[2, 1] = excl[3, 1] = excl[0, 2] = 1
+    plain = PartialLabelLoss()
+    with_excl = PartialLabelLoss(exclusion=excl, exclusion_weight=0.5)
+    z = logits.clone().requires_grad_(True)
+    loss = with_excl(z, target, annotated)
+    loss.backward()
+    # reference: per unannotated pair, BCE towards 0 on the voxels of the annotated ROIs it excludes
+    terms = []
+    for b in range(B):
+        for c in range(C):
+            if annotated[b, c]:
+                continue
+            known = torch.zeros(shape, dtype=torch.bool)
+            for d in range(C):
+                if annotated[b, d] and excl[c, d]:
+                    known |= target[b, d].bool()
+            if known.any():
+                terms.append((F.softplus(logits[b, c].double()) * known).mean())
+                # gradient exactly on the known negatives, pushing the logit down
+                assert torch.all(z.grad[b, c][~known] == 0) and torch.all(z.grad[b, c][known] > 0)
+            else:
+                assert torch.all(z.grad[b, c] == 0)
+    expected = plain(logits, target, annotated).double() + 0.5 * torch.stack(terms).mean()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
+    assert with_excl.components()["exclusion"] == pytest.approx(float(torch.stack(terms).mean()), abs=1e-6)
+    # sample 1: channel 0 is pushed by annotated channel 2, channel 3 by annotated channel 1
+    assert z.grad[1, 0].abs().sum() > 0 and z.grad[1, 3].abs().sum() > 0
+    # annotated channels get the plain loss's gradient
+    z0 = logits.clone().requires_grad_(True)
+    plain(z0, target, annotated).backward()
+    assert torch.allclose(z.grad[annotated], z0.grad[annotated])
+    # all annotated: nothing to add; the naive loss has no exclusion term
+    full = torch.ones(B, C, dtype=torch.bool)
+    assert float(with_excl(logits, target, full)) == pytest.approx(float(plain(logits, target, full)))
+    with pytest.raises(ValueError, match="square"):
+        PartialLabelLoss(exclusion=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="channels"):
+        with_excl(logits[:, :3], target[:, :3], annotated[:, :3])
+
+
+def test_exclusion_matrix_follows_the_taxonomy():
+    from cdpdnet.taxonomy import ROIS, may_overlap
+    from cdpdnet.training import exclusion_matrix
+
+    e = exclusion_matrix()
+    assert e.shape == (NUM_CLASSES, NUM_CLASSES) and torch.equal(e, e.T) and not e.diagonal().any()
+    c = roi_index
+
+    def excludes(a, b):
+        return bool(e[c(a) - 1, c(b) - 1])
+
+    assert excludes("liver", "spleen") and excludes("lung_left", "lung_right") and excludes("kidney_tumor", "liver")
+    assert excludes("urinary_bladder", "adrenal_gland_left") and excludes("lung_tumor", "liver_tumor")
+    # hosts and their lesions, lesions of one host, vessels inside organs, tubes that meet
+    for a, b in [("liver", "liver_tumor"), ("kidney_left", "kidney_cyst"), ("kidney_tumor", "kidney_cyst"),
+                 ("liver", "hepatic_vessel"), ("liver", "portal_vein_and_splenic_vein"), ("aorta", "celiac_trunk"),
+                 ("colon", "rectum"), ("rectum", "colon_tumor"), ("lung_right", "lung_tumor"),
+                 ("portal_vein_and_splenic_vein", "liver_tumor")]:
+        assert not excludes(a, b) and not excludes(b, a) and may_overlap(a, b), (a, b)
+    assert sum(not may_overlap(a.name, b.name) for a in ROIS for b in ROIS) == int(e.sum())
+
+
 def test_loss_zero_gradient_on_unannotated_channels():
     logits, target, annotated = _random_batch(seed=1)
     logits.requires_grad_(True)

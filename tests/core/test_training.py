@@ -93,10 +93,12 @@ def _lesion_mask():
      lambda f: f.pos_fraction == 0.01),
     ("bce_pos_on", "lesions", "tumours", "train.bce_pos_on must be 'all' or 'lesions'",
      lambda f: f.pos_channels is not None and f.pos_channels.tolist() == _lesion_mask()),
+    ("exclusion_weight", 0.5, "on", r"train.exclusion_weight must be a number >= 0",
+     lambda f: f.exclusion_weight == 0.5 and f.exclusion is not None and int(f.exclusion.sum()) > 0),
 ])
 def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
-    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` reach the loss the trainer uses (off by
-    default); a bad value is refused with a message that names the key."""
+    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` / ``exclusion_weight`` reach the
+    loss the trainer uses (off by default); a bad value is refused with a message that names the key."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
     d["name"] = "tiny-loss"
@@ -110,7 +112,7 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
                 Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))
     plain = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).loss_fn
     assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None and plain.pos_fraction == 0
-    assert plain.pos_channels is None
+    assert plain.pos_channels is None and plain.exclusion is None
 
 
 def test_refuses_unlabelled_samples(phantoms):
