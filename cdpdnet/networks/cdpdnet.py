@@ -107,7 +107,7 @@ class CDPDNet(nn.Module):
             for u in range(n)
         ])
         self.decoder = nn.ModuleList([
-            StackedConvLayers(2 * widths[n - 1 - u], widths[n - 1 - u], cfg.convs_per_stage, kernels[-(u + 1)])
+            StackedConvLayers(2 * widths[n - 1 - u], widths[n - 1 - u], cfg.convs_per_stage, cfg.decoder_kernel(u))
             for u in range(n)
         ])
         heads = [widths[n - 1 - u] for u in range(n)] if cfg.reference_dead_modules else [widths[0]]

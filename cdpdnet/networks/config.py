@@ -44,6 +44,11 @@ class NetworkConfig:
     # nnU-Net's deep supervision (not in the reference): this many decoder outputs above the last one
     # (the next coarser scales) get their own 1x1x1 heads, supervised in training only (0: off)
     deep_supervision: int = 0
+    # "reference": every decoder stage uses conv_kernels[-(u + 1)], nnU-Net v1's indexing quirk that the
+    # reference inherits (all decoder convs 3x3x3); "mirror": each decoder stage uses its encoder stage's
+    # kernel, as nnU-Net v2 (dynamic_network_architectures' UNetDecoder) does, so a 1x3x3 first stage
+    # gets a 1x3x3 last decoder stage, a third of the full-resolution convolutions' cost
+    decoder_kernels: str = "reference"
 
     @property
     def num_pool(self) -> int:
@@ -52,6 +57,10 @@ class NetworkConfig:
     def widths(self) -> list[int]:
         """Channels of stages ``0..num_pool`` (the last is the bottleneck)."""
         return [min(self.base_features * self.feature_multiplier ** d, self.max_features) for d in range(self.num_pool + 1)]
+
+    def decoder_kernel(self, u: int) -> list:
+        """The kernel of decoder stage ``u`` (0 next to the bottleneck, ``num_pool - 1`` at full resolution)."""
+        return self.conv_kernels[-(u + 1)] if self.decoder_kernels == "reference" else self.conv_kernels[self.num_pool - 1 - u]
 
     def divisor(self) -> tuple[int, int, int]:
         """A patch size must be a multiple of this, per axis."""
@@ -73,6 +82,8 @@ class NetworkConfig:
         if not 0 <= int(self.deep_supervision) < self.num_pool:
             raise ValueError(f"deep_supervision must lie in 0..{self.num_pool - 1} (decoder outputs above the last), "
                              f"got {self.deep_supervision}")
+        if self.decoder_kernels not in ("reference", "mirror"):
+            raise ValueError(f"decoder_kernels must be 'reference' or 'mirror', got {self.decoder_kernels!r}")
         if any(w[s] % self.attn_heads for s in self.fusion_stages):
             raise ValueError("fusion stage widths must be divisible by attn_heads")
 

@@ -180,6 +180,28 @@ def test_head_hidden_adds_a_nonlinear_head_and_default_is_the_reference_head():
         NetworkConfig.from_dict(dict(base, head_hidden=0))
 
 
+def test_decoder_kernels_reference_quirk_and_mirror():
+    """The reference's decoder convs are all 3x3x3 (nnU-Net v1's ``conv_kernel_sizes[-(u+1)]``);
+    ``decoder_kernels: "mirror"`` gives each decoder stage its encoder stage's kernel (nnU-Net v2)."""
+    paper = build_network("paper")
+    assert all(c.conv.kernel_size == (3, 3, 3) for blk in paper.decoder for c in blk)
+    base = dict(load_preset("tiny").network.to_dict())
+    assert base["conv_kernels"][0] == [1, 3, 3]
+    ref = CDPDNet(NetworkConfig.from_dict(base))
+    mirror = CDPDNet(NetworkConfig.from_dict(dict(base, decoder_kernels="mirror")))
+    kernels = [[tuple(c.conv.kernel_size) for c in blk] for blk in mirror.decoder]
+    n = len(base["pool_strides"])
+    assert kernels == [[tuple(base["conv_kernels"][n - 1 - u])] * base["convs_per_stage"] for u in range(n)]
+    assert kernels[-1][0] == (1, 3, 3) and ref.decoder[-1][0].conv.kernel_size == (3, 3, 3)
+    assert count(ref) - count(mirror) == 2 * 3 * 3 * (2 * ref.cfg.widths()[0] * ref.cfg.widths()[0] + ref.cfg.widths()[0] ** 2)
+    x = torch.rand(2, 1, 16, 32, 32)
+    feats = [torch.rand(2, base["dino_dim"], 14, 2, 2) for _ in base["fusion_stages"]]
+    with torch.no_grad():
+        assert mirror(x, feats, torch.tensor([0, 1])).shape == (2, 32, 16, 32, 32)
+    with pytest.raises(ValueError, match="decoder_kernels must be 'reference' or 'mirror'"):
+        NetworkConfig.from_dict(dict(base, decoder_kernels="v2"))
+
+
 def test_deep_supervision_heads_on_the_coarser_decoder_outputs():
     """``network.deep_supervision = k``: k extra 1x1x1 heads (with the prior bias) on the decoder outputs
     above the last, returned only when asked (training); the main output is unchanged; 0 adds nothing."""
