@@ -2,7 +2,7 @@
 """Make the demo model: train the ``lite-wide`` preset on the demo datalist (real CTs + phantoms) on the CPU.
 
 The result is cached outside git (``${CDPDNET_CACHE:-~/.cache/cdpdnet}/models/``) under a key made
-of the datalist, the preset and this code, so a second run reuses it at once. ``--install PATH``
+of the datalist, the resolved preset and the training code, so a second run reuses it at once. ``--install PATH``
 copies it (atomically) to where the app looks for a pretrained model. Training time is set by
 ``--minutes`` (default 20 on 2 CPU cores).
 """
@@ -22,14 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cache_key(datalist: Path, preset: str, minutes: float) -> str:
+    """The datalist, the resolved preset (without its description: a changed description or another
+    preset's edit does not retrain) and the code that training runs."""
+    import json
+
+    from cdpdnet.preset import load_preset
+
+    settings = load_preset(preset).to_dict()
+    settings.pop("description")
     h = hashlib.sha256()
     h.update(datalist.read_bytes())
-    h.update(f"{preset}|{minutes}".encode())
-    if Path(preset).suffix == ".json" and Path(preset).is_file():  # a preset file (e.g. bench/presets/...)
-        h.update(Path(preset).read_bytes())
-    for sub in ("networks", "training.py", "data", "loss.py", "presets", "phantoms.py"):
+    h.update(f"{minutes}|{json.dumps(settings, sort_keys=True)}".encode())
+    for sub in ("networks", "training.py", "data", "loss.py", "phantoms.py"):
         p = REPO / "cdpdnet" / sub
-        for f in sorted(p.rglob("*.py") if p.is_dir() else [p]) + sorted(p.rglob("*.json") if p.is_dir() else []):
+        for f in sorted(p.rglob("*.py") if p.is_dir() else [p]):
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
