@@ -274,3 +274,21 @@ def test_add_threshold_lungs_sides_by_affine_and_keeps_the_lesion_on_top():
         patient_left = left if lps_sign < 0 else right
         assert out[105, 60, 35] == 1
         assert (out[patient_left] == 3).mean() > 0.95 and (out[right if patient_left is left else left] == 2).mean() > 0.95
+
+
+def test_demo_model_cache_key_follows_settings_not_descriptions(tmp_path):
+    """The demo model (20 CPU minutes) is retrained when a setting of its preset changes, not when a
+    description or another preset's file does."""
+    key = _load("make_demo_model").cache_key
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text('{"training": []}')
+    base = json.loads((REPO / "cdpdnet" / "presets" / "lite-wide.json").read_text())
+    variants = {}
+    for name, change in {"same": {}, "description": {"description": "edited"},
+                         "threshold": {"infer": {**base["infer"], "threshold": 0.45}}}.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({**base, **change, "name": "lite-wide"}))
+        variants[name] = key(datalist, str(f), 20.0)
+    assert variants["same"] == variants["description"] == key(datalist, "lite-wide", 20.0)
+    assert variants["threshold"] != variants["same"]
+    assert key(datalist, "lite-wide", 10.0) != variants["same"]
