@@ -116,7 +116,7 @@ def test_exclusion_term_supervises_unannotated_channels_only_on_excluding_annota
             else:
                 assert torch.all(z.grad[b, c] == 0)
     expected = plain(logits, target, annotated).double() + 0.5 * torch.stack(terms).mean()
-    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), abs=1e-5)
     assert with_excl.components()["exclusion"] == pytest.approx(float(torch.stack(terms).mean()), abs=1e-6)
     # sample 1: channel 0 is pushed by annotated channel 2, channel 3 by annotated channel 1
     assert z.grad[1, 0].abs().sum() > 0 and z.grad[1, 3].abs().sum() > 0
