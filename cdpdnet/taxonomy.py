@@ -197,6 +197,7 @@ MAY_OVERLAP: tuple[tuple[str, str], ...] = (
     ("small_bowel", "colon"),
     ("colon", "rectum"),
 )
+_OVERLAP_PAIRS = frozenset(frozenset(p) for p in MAY_OVERLAP)
 
 
 def may_overlap(a: str | int, b: str | int) -> bool:
@@ -207,14 +208,13 @@ def may_overlap(a: str | int, b: str | int) -> bool:
     ra, rb = roi(a), roi(b)
     if ra.index == rb.index:
         return True
-    pairs = {frozenset(p) for p in MAY_OVERLAP}
 
     def near(r: ROI) -> set[str]:  # the ROI and, for a lesion, its hosts
         return {r.name, *r.hosts}
 
     if ra.name in rb.hosts or rb.name in ra.hosts or (ra.is_lesion and rb.is_lesion and set(ra.hosts) & set(rb.hosts)):
         return True
-    return any(frozenset((x, y)) in pairs for x in near(ra) for y in near(rb) if x != y)
+    return any(frozenset((x, y)) in _OVERLAP_PAIRS for x in near(ra) for y in near(rb) if x != y)
 
 
 # ---------------------------------------------------------------------------------------------
