@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,7 +71,8 @@ class PartialLabelLoss(nn.Module):
     keep the plain BCE. A small or thin one trapped at a low probability keeps a pull of
     :math:`w (1 - p) / N` per missed voxel, which the sigmoid's slope does not cancel (BCE on logits),
     while the negatives' push, :math:`p / N` per voxel, fades as :math:`p` falls. ``pos_channels``
-    (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions).
+    (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions). ``pos_fraction`` may
+    also be a sequence or tensor ``[C]``: one :math:`f` per channel (e.g. more for the lesions).
 
     ``exclusion`` (a ``[C, C]`` 0/1 matrix, ``exclusion[c, d] = 1`` when a voxel of ROI ``d`` cannot be
     ROI ``c``; none in the reference and by default) adds what the annotated ROIs say about the
@@ -100,7 +103,7 @@ class PartialLabelLoss(nn.Module):
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  treat_unannotated_as_background: bool = False, log_dice: bool = False,
                  focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
-                 pos_fraction: float = 0.0, pos_channels: torch.Tensor | None = None,
+                 pos_fraction: float | Sequence[float] | torch.Tensor = 0.0, pos_channels: torch.Tensor | None = None,
                  exclusion: torch.Tensor | None = None, exclusion_weight: float = 1.0) -> None:
         super().__init__()
         self.log_dice = bool(log_dice)
@@ -112,9 +115,10 @@ class PartialLabelLoss(nn.Module):
             raise ValueError(f"exclusion_weight must be >= 0, got {exclusion_weight!r}")
         self.exclusion = exclusion
         self.exclusion_weight = float(exclusion_weight)
-        if not 0.0 <= float(pos_fraction) < 1.0:
-            raise ValueError(f"pos_fraction must be in [0, 1), got {pos_fraction!r}")
-        self.pos_fraction = float(pos_fraction)
+        fractions = torch.as_tensor(pos_fraction, dtype=torch.float32)
+        if fractions.ndim > 1 or fractions.isnan().any() or not bool(((fractions >= 0) & (fractions < 1)).all()):
+            raise ValueError(f"pos_fraction must be in [0, 1) (a number, or one per channel), got {pos_fraction!r}")
+        self.pos_fraction: float | torch.Tensor = float(pos_fraction) if fractions.ndim == 0 else fractions
         self.pos_channels = None if pos_channels is None else torch.as_tensor(pos_channels, dtype=torch.bool)
         if not float(focal_gamma) >= 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma!r}")
@@ -148,9 +152,10 @@ class PartialLabelLoss(nn.Module):
                 term = sigmoid_focal_loss(zc, yc, alpha=-1, gamma=self.focal_gamma, reduction="none")
             else:
                 term = F.binary_cross_entropy_with_logits(zc, yc, reduction="none")
-            if self.pos_fraction > 0:  # positives up-weighted where they are few (see the class docstring)
+            if self._pos_weighted:  # positives up-weighted where they are few (see the class docstring)
                 n_pos = yc.sum(-1, keepdim=True)
-                w = (self.pos_fraction * (yc.shape[-1] - n_pos) / n_pos.clamp_min(1.0)).clamp_min(1.0)
+                f = self._pos_fraction_of(z.shape[1], chosen, z.device)
+                w = (f * (yc.shape[-1] - n_pos) / n_pos.clamp_min(1.0)).clamp_min(1.0)
                 if self.pos_channels is not None:
                     on = self.pos_channels.to(w.device)
                     w = torch.where((on if chosen is None else on[chosen]).view(1, -1, 1), w, torch.ones_like(w))
@@ -164,6 +169,21 @@ class PartialLabelLoss(nn.Module):
             log_term = -torch.log((2.0 * inter + self.smooth) / denom)
             dice = torch.where(y.sum(-1) > 0, log_term, dice)
         return bce, dice
+
+    @property
+    def _pos_weighted(self) -> bool:
+        f = self.pos_fraction
+        return bool((f > 0).any()) if torch.is_tensor(f) else f > 0
+
+    def _pos_fraction_of(self, C: int, chosen: torch.Tensor | None, device) -> float | torch.Tensor:
+        """``pos_fraction`` for the channels computed (all ``C``, or ``chosen``), shaped to broadcast on ``[B, C, 1]``."""
+        f = self.pos_fraction
+        if not torch.is_tensor(f):
+            return f
+        if f.shape != (C,):
+            raise ValueError(f"pos_fraction has {f.shape[0]} values but the logits have {C} channels")
+        f = f.to(device)
+        return (f if chosen is None else f[chosen]).view(1, -1, 1)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
         B, C = logits.shape[:2]
@@ -223,7 +243,8 @@ class NaiveBackgroundLoss(PartialLabelLoss):
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  log_dice: bool = False, focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
-                 pos_fraction: float = 0.0, pos_channels: torch.Tensor | None = None) -> None:
+                 pos_fraction: float | Sequence[float] | torch.Tensor = 0.0,
+                 pos_channels: torch.Tensor | None = None) -> None:
         super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True, log_dice=log_dice,
                          focal_gamma=focal_gamma, focal_channels=focal_channels, pos_fraction=pos_fraction,
                          pos_channels=pos_channels)

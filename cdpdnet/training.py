@@ -79,17 +79,22 @@ def _channels(t: dict, key: str) -> torch.Tensor | None:
 
 def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     """The loss of a preset's ``train`` section: the reference's BCE + Dice over the annotated pairs, with
-    the options ``log_dice``, ``focal_gamma`` / ``focal_on``, ``bce_pos_fraction`` / ``bce_pos_on`` and
+    the options ``log_dice``, ``focal_gamma`` / ``focal_on``, ``bce_pos_fraction`` / ``bce_pos_on`` /
+    ``bce_pos_fraction_lesions`` (the lesion channels' own fraction, default ``bce_pos_fraction``) and
     ``exclusion_weight`` (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
     baseline that takes unannotated ROIs as background (no exclusion term: every channel is supervised)."""
     log_dice = t.get("log_dice", False)
     if not isinstance(log_dice, bool):
         raise ValueError(f"train.log_dice must be true or false, got {log_dice!r}")
+    pos_fraction: float | torch.Tensor = _number(t, "bce_pos_fraction", 0.0, lambda v: 0 <= v < 1,
+                                                 "a number in [0, 1) (0 = plain BCE)")
+    if t.get("bce_pos_fraction_lesions") is not None:
+        lesions = _number(t, "bce_pos_fraction_lesions", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        pos_fraction = torch.where(torch.as_tensor(LESIONS[1:] > 0), lesions, pos_fraction)
     kw = dict(log_dice=log_dice,
               focal_gamma=_number(t, "focal_gamma", 0.0, lambda v: v >= 0, "a number >= 0 (0 = plain BCE)"),
               focal_channels=_channels(t, "focal_on"),
-              pos_fraction=_number(t, "bce_pos_fraction", 0.0, lambda v: 0 <= v < 1,
-                                   "a number in [0, 1) (0 = plain BCE)"),
+              pos_fraction=pos_fraction,
               pos_channels=_channels(t, "bce_pos_on"))
     excl = _number(t, "exclusion_weight", 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)")
     if naive:

@@ -265,7 +265,14 @@ def test_pos_fraction_pulls_small_structures_and_leaves_large_ones_and_empty_pai
     assert torch.equal(z.grad[0, 0], grads(0.0, both, None)[0, 0])
     assert torch.allclose(z.grad[0, 1], grads(0.01, both, None)[0, 1])
     assert not torch.allclose(z.grad[0, 0], z.grad[0, 1])
-    for bad in (-0.1, 1.0):
+    per_channel = PartialLabelLoss(dice_weight=0.0, pos_fraction=[0.0, 0.01])  # one fraction per channel
+    z = torch.full((1, 2, 20, 20, 20), -6.0, requires_grad=True)
+    per_channel(z, both).backward()
+    assert torch.equal(z.grad[0, 0], grads(0.0, both, None)[0, 0])
+    assert torch.allclose(z.grad[0, 1], grads(0.01, both, None)[0, 1])
+    with pytest.raises(ValueError, match="pos_fraction has 3 values but the logits have 2 channels"):
+        PartialLabelLoss(pos_fraction=[0.01, 0.01, 0.01])(z, both)
+    for bad in (-0.1, 1.0, [0.01, 1.5], [[0.01]]):
         with pytest.raises(ValueError, match="pos_fraction must be in"):
             PartialLabelLoss(pos_fraction=bad)
 

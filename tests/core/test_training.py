@@ -93,12 +93,15 @@ def _lesion_mask():
      lambda f: f.pos_fraction == 0.01),
     ("bce_pos_on", "lesions", "tumours", "train.bce_pos_on must be 'all' or 'lesions'",
      lambda f: f.pos_channels is not None and f.pos_channels.tolist() == _lesion_mask()),
+    ("bce_pos_fraction_lesions", 0.05, -0.5, r"train.bce_pos_fraction_lesions must be a number in \[0, 1\)",
+     lambda f: [round(float(v), 4) for v in f.pos_fraction] == [0.05 if les else 0.0 for les in _lesion_mask()]),
     ("exclusion_weight", 0.5, "on", r"train.exclusion_weight must be a number >= 0",
      lambda f: f.exclusion_weight == 0.5 and f.exclusion is not None and int(f.exclusion.sum()) > 0),
 ])
 def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
-    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` / ``exclusion_weight`` reach the
-    loss the trainer uses (off by default); a bad value is refused with a message that names the key."""
+    """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` /
+    ``bce_pos_fraction_lesions`` / ``exclusion_weight`` reach the loss the trainer uses (off by default);
+    a bad value is refused with a message that names the key."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
     d["name"] = "tiny-loss"
