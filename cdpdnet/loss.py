@@ -71,8 +71,9 @@ class PartialLabelLoss(nn.Module):
     keep the plain BCE. A small or thin one trapped at a low probability keeps a pull of
     :math:`w (1 - p) / N` per missed voxel, which the sigmoid's slope does not cancel (BCE on logits),
     while the negatives' push, :math:`p / N` per voxel, fades as :math:`p` falls. ``pos_channels``
-    (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions). ``pos_fraction`` may
-    also be a sequence or tensor ``[C]``: one :math:`f` per channel (e.g. more for the lesions).
+    (a bool ``[C]``, default all) limits it to some channels (e.g. the lesions): the others get
+    :math:`f = 0`. ``pos_fraction`` may also be a sequence or tensor ``[C]``: one :math:`f` per channel
+    (e.g. more for the lesions).
 
     ``exclusion`` (a ``[C, C]`` 0/1 matrix, ``exclusion[c, d] = 1`` when a voxel of ROI ``d`` cannot be
     ROI ``c``; none in the reference and by default) adds what the annotated ROIs say about the
@@ -116,10 +117,13 @@ class PartialLabelLoss(nn.Module):
         self.exclusion = exclusion
         self.exclusion_weight = float(exclusion_weight)
         fractions = torch.as_tensor(pos_fraction, dtype=torch.float32)
-        if fractions.ndim > 1 or fractions.isnan().any() or not bool(((fractions >= 0) & (fractions < 1)).all()):
+        if fractions.ndim > 1 or not bool(((fractions >= 0) & (fractions < 1)).all()):
             raise ValueError(f"pos_fraction must be in [0, 1) (a number, or one per channel), got {pos_fraction!r}")
-        self.pos_fraction: float | torch.Tensor = float(pos_fraction) if fractions.ndim == 0 else fractions
         self.pos_channels = None if pos_channels is None else torch.as_tensor(pos_channels, dtype=torch.bool)
+        if self.pos_channels is not None:  # a channel left out has fraction 0 (weight 1: the plain BCE)
+            fractions = torch.where(self.pos_channels, fractions, torch.zeros(()))
+        self.pos_fraction: float | torch.Tensor = float(pos_fraction) if fractions.ndim == 0 else fractions
+        self._pos_weighted = bool((fractions > 0).any())
         if not float(focal_gamma) >= 0:
             raise ValueError(f"focal_gamma must be >= 0, got {focal_gamma!r}")
         self.focal_gamma = float(focal_gamma)
@@ -156,9 +160,6 @@ class PartialLabelLoss(nn.Module):
                 n_pos = yc.sum(-1, keepdim=True)
                 f = self._pos_fraction_of(z.shape[1], chosen, z.device)
                 w = (f * (yc.shape[-1] - n_pos) / n_pos.clamp_min(1.0)).clamp_min(1.0)
-                if self.pos_channels is not None:
-                    on = self.pos_channels.to(w.device)
-                    w = torch.where((on if chosen is None else on[chosen]).view(1, -1, 1), w, torch.ones_like(w))
                 term = term * (1.0 + (w - 1.0) * yc)
             bce = term.mean(-1) if chosen is None else bce.index_copy(1, chosen, term.mean(-1))
         p = torch.sigmoid(z)
@@ -169,11 +170,6 @@ class PartialLabelLoss(nn.Module):
             log_term = -torch.log((2.0 * inter + self.smooth) / denom)
             dice = torch.where(y.sum(-1) > 0, log_term, dice)
         return bce, dice
-
-    @property
-    def _pos_weighted(self) -> bool:
-        f = self.pos_fraction
-        return bool((f > 0).any()) if torch.is_tensor(f) else f > 0
 
     def _pos_fraction_of(self, C: int, chosen: torch.Tensor | None, device) -> float | torch.Tensor:
         """``pos_fraction`` for the channels computed (all ``C``, or ``chosen``), shaped to broadcast on ``[B, C, 1]``."""
