@@ -49,7 +49,7 @@ from .factory import LoadedModel, build_model, checkpoint_payload, model_from_ch
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
-from .taxonomy import NUM_CLASSES, ROIS, may_overlap, roi
+from .taxonomy import NUM_CLASSES, ROIS, UnknownROIError, may_overlap, roi
 
 __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr", "loss_from_preset", "exclusion_matrix"]
 
@@ -80,7 +80,8 @@ def _channels(t: dict, key: str) -> torch.Tensor | None:
 def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     """The loss of a preset's ``train`` section: the reference's BCE + Dice over the annotated pairs, with
     the options ``log_dice``, ``focal_gamma`` / ``focal_on``, ``bce_pos_fraction`` / ``bce_pos_on`` /
-    ``bce_pos_fraction_lesions`` (the lesion channels' own fraction, default ``bce_pos_fraction``) and
+    ``bce_pos_fraction_lesions`` (the lesion channels' own fraction, default ``bce_pos_fraction``) /
+    ``bce_pos_fraction_rois`` (``{ROI name: fraction}`` for single ROIs, above both) and
     ``exclusion_weight`` (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
     baseline that takes unannotated ROIs as background (no exclusion term: every channel is supervised)."""
     log_dice = t.get("log_dice", False)
@@ -91,6 +92,18 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     if t.get("bce_pos_fraction_lesions") is not None:
         lesions = _number(t, "bce_pos_fraction_lesions", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
         pos_fraction = torch.where(torch.as_tensor(LESIONS[1:] > 0), lesions, pos_fraction)
+    per_roi = t.get("bce_pos_fraction_rois") or {}
+    if not isinstance(per_roi, dict):
+        raise ValueError(f"train.bce_pos_fraction_rois must be a mapping {{ROI name: fraction}}, got {per_roi!r}")
+    if per_roi:
+        pos_fraction = torch.full((NUM_CLASSES,), 1.0) * pos_fraction
+        for name, f in per_roi.items():
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+                raise ValueError(f"train.bce_pos_fraction_rois[{name!r}] must be a number in [0, 1), got {f!r}")
+            try:
+                pos_fraction[roi(name).index - 1] = float(f)
+            except UnknownROIError as e:
+                raise ValueError(f"train.bce_pos_fraction_rois: {e.args[0]}") from None
     kw = dict(log_dice=log_dice,
               focal_gamma=_number(t, "focal_gamma", 0.0, lambda v: v >= 0, "a number >= 0 (0 = plain BCE)"),
               focal_channels=_channels(t, "focal_on"),

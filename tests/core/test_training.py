@@ -12,7 +12,8 @@ from cdpdnet.data import load_datalist
 from cdpdnet.factory import model_from_checkpoint
 from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
 from cdpdnet.preset import load_preset
-from cdpdnet.training import TrainConfig, Trainer, warmup_cosine_lr
+from cdpdnet.taxonomy import ROIS
+from cdpdnet.training import TrainConfig, Trainer, loss_from_preset, warmup_cosine_lr
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +96,16 @@ def _lesion_mask():
      lambda f: f.pos_channels is not None and f.pos_channels.tolist() == _lesion_mask()),
     ("bce_pos_fraction_lesions", 0.05, -0.5, r"train.bce_pos_fraction_lesions must be a number in \[0, 1\)",
      lambda f: [round(float(v), 4) for v in f.pos_fraction] == [0.05 if les else 0.0 for les in _lesion_mask()]),
+    ("bce_pos_fraction_rois", {"lung_tumor": 0.05}, {"lung_tumor": 1.5},
+     r"train.bce_pos_fraction_rois\['lung_tumor'\] must be a number in \[0, 1\)",
+     lambda f: [round(float(v), 4) for v in f.pos_fraction] == [0.05 if r.name == "lung_tumor" else 0.0 for r in ROIS]),
     ("exclusion_weight", 0.5, "on", r"train.exclusion_weight must be a number >= 0",
      lambda f: f.exclusion_weight == 0.5 and f.exclusion is not None and int(f.exclusion.sum()) > 0),
 ])
 def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
     """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` /
-    ``bce_pos_fraction_lesions`` / ``exclusion_weight`` reach the loss the trainer uses (off by default);
-    a bad value is refused with a message that names the key."""
+    ``bce_pos_fraction_lesions`` / ``bce_pos_fraction_rois`` / ``exclusion_weight`` reach the loss the
+    trainer uses (off by default); a bad value (or an unknown ROI) is refused with a message that names it."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
     d["name"] = "tiny-loss"
@@ -116,6 +120,16 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
     plain = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).loss_fn
     assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None and plain.pos_fraction == 0
     assert plain.pos_channels is None and plain.exclusion is None
+
+
+def test_per_roi_positive_weight_names_an_unknown_roi():
+    """``train.bce_pos_fraction_rois`` with a name outside the taxonomy is refused with the closest names."""
+    with pytest.raises(ValueError, match="train.bce_pos_fraction_rois: unknown ROI 'lung nodulez'; closest: lung_tumor"):
+        loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_fraction_rois": {"lung nodulez": 0.05}})
+    f = loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_fraction_lesions": 0.02,
+                          "bce_pos_fraction_rois": {"lung tumour": 0.05}}).pos_fraction  # synonyms resolve
+    assert [round(float(v), 4) for v in f] == [0.05 if r.name == "lung_tumor" else 0.02 if r.is_lesion else 0.01
+                                                for r in ROIS]
 
 
 def test_refuses_unlabelled_samples(phantoms):
