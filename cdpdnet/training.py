@@ -81,7 +81,8 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     """The loss of a preset's ``train`` section: the reference's BCE + Dice over the annotated pairs, with
     the options ``log_dice``, ``focal_gamma`` / ``focal_on``, ``bce_pos_fraction`` / ``bce_pos_on`` /
     ``bce_pos_fraction_lesions`` (the lesion channels' own fraction, default ``bce_pos_fraction``) /
-    ``bce_pos_fraction_rois`` (``{ROI name: fraction}`` for single ROIs, above both) and
+    ``bce_pos_fraction_rois`` (``{ROI name: fraction}`` for single ROIs, above both and above
+    ``bce_pos_on``) and
     ``exclusion_weight`` (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
     baseline that takes unannotated ROIs as background (no exclusion term: every channel is supervised)."""
     log_dice = t.get("log_dice", False)
@@ -92,6 +93,7 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     if t.get("bce_pos_fraction_lesions") is not None:
         lesions = _number(t, "bce_pos_fraction_lesions", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
         pos_fraction = torch.where(torch.as_tensor(LESIONS[1:] > 0), lesions, pos_fraction)
+    pos_channels = _channels(t, "bce_pos_on")
     per_roi = t.get("bce_pos_fraction_rois") or {}
     if not isinstance(per_roi, dict):
         raise ValueError(f"train.bce_pos_fraction_rois must be a mapping {{ROI name: fraction}}, got {per_roi!r}")
@@ -101,14 +103,17 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
                 raise ValueError(f"train.bce_pos_fraction_rois[{name!r}] must be a number in [0, 1), got {f!r}")
             try:
-                pos_fraction[roi(name).index - 1] = float(f)
+                c = roi(name).index - 1
             except UnknownROIError as e:
                 raise ValueError(f"train.bce_pos_fraction_rois: {e.args[0]}") from None
+            pos_fraction[c] = float(f)
+            if pos_channels is not None:  # a named ROI is weighted even where bce_pos_on leaves it out
+                pos_channels[c] = True
     kw = dict(log_dice=log_dice,
               focal_gamma=_number(t, "focal_gamma", 0.0, lambda v: v >= 0, "a number >= 0 (0 = plain BCE)"),
               focal_channels=_channels(t, "focal_on"),
               pos_fraction=pos_fraction,
-              pos_channels=_channels(t, "bce_pos_on"))
+              pos_channels=pos_channels)
     excl = _number(t, "exclusion_weight", 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)")
     if naive:
         return NaiveBackgroundLoss(**kw)

@@ -123,13 +123,18 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
 
 
 def test_per_roi_positive_weight_names_an_unknown_roi():
-    """``train.bce_pos_fraction_rois`` with a name outside the taxonomy is refused with the closest names."""
+    """``train.bce_pos_fraction_rois``: a name outside the taxonomy is refused with the closest names; a
+    synonym resolves; the entries sit above the lesions' fraction, the default and ``bce_pos_on``."""
     with pytest.raises(ValueError, match="train.bce_pos_fraction_rois: unknown ROI 'lung nodulez'; closest: lung_tumor"):
         loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_fraction_rois": {"lung nodulez": 0.05}})
     f = loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_fraction_lesions": 0.02,
                           "bce_pos_fraction_rois": {"lung tumour": 0.05}}).pos_fraction  # synonyms resolve
     assert [round(float(v), 4) for v in f] == [0.05 if r.name == "lung_tumor" else 0.02 if r.is_lesion else 0.01
                                                 for r in ROIS]
+    # an organ named there is weighted even when bce_pos_on leaves the organs out
+    loss = loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_on": "lesions", "bce_pos_fraction_rois": {"liver": 0.02}})
+    assert [round(float(v), 4) for v in loss.pos_fraction] == [0.02 if r.name == "liver" else 0.01 if r.is_lesion else 0.0
+                                                           for r in ROIS]
 
 
 def test_refuses_unlabelled_samples(phantoms):
