@@ -49,7 +49,7 @@ from .factory import LoadedModel, build_model, checkpoint_payload, model_from_ch
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import preprocess_transforms
 from .preset import Preset, load_preset
-from .taxonomy import NUM_CLASSES, ROIS, UnknownROIError, may_overlap, roi
+from .taxonomy import NUM_CLASSES, ROIS, may_overlap, roi
 
 __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr", "loss_from_preset", "exclusion_matrix"]
 
@@ -67,6 +67,21 @@ def _number(t: dict, key: str, default: float, ok, rule: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
         raise ValueError(f"train.{key} must be {rule}, got {v!r}")
     return float(v)
+
+
+def _roi_numbers(t: dict, key: str, ok, rule: str) -> dict[int, float]:
+    """``train[key]``, a mapping ``{ROI name or synonym: number}``, as ``{label value: number}``. A number
+    that fails ``ok`` is refused (``ValueError`` naming the key, the ROI and ``rule``); an unknown name
+    raises :class:`~cdpdnet.taxonomy.UnknownROIError` with the closest names."""
+    m = t.get(key) or {}
+    if not isinstance(m, dict):
+        raise ValueError(f"train.{key} must be a mapping {{ROI name: number}}, got {m!r}")
+    out = {}
+    for name, v in m.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"train.{key}[{name!r}] must be {rule}, got {v!r}")
+        out[roi(name).index] = float(v)
+    return out
 
 
 def _channels(t: dict, key: str) -> torch.Tensor | None:
@@ -94,21 +109,13 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
         lesions = _number(t, "bce_pos_fraction_lesions", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
         pos_fraction = torch.where(torch.as_tensor(LESIONS[1:] > 0), lesions, pos_fraction)
     pos_channels = _channels(t, "bce_pos_on")
-    per_roi = t.get("bce_pos_fraction_rois") or {}
-    if not isinstance(per_roi, dict):
-        raise ValueError(f"train.bce_pos_fraction_rois must be a mapping {{ROI name: fraction}}, got {per_roi!r}")
+    per_roi = _roi_numbers(t, "bce_pos_fraction_rois", lambda v: 0 <= v < 1, "a number in [0, 1)")
     if per_roi:
-        pos_fraction = torch.full((NUM_CLASSES,), 1.0) * pos_fraction
-        for name, f in per_roi.items():
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
-                raise ValueError(f"train.bce_pos_fraction_rois[{name!r}] must be a number in [0, 1), got {f!r}")
-            try:
-                c = roi(name).index - 1
-            except UnknownROIError as e:
-                raise ValueError(f"train.bce_pos_fraction_rois: {e.args[0]}") from None
-            pos_fraction[c] = float(f)
+        pos_fraction = torch.as_tensor(pos_fraction, dtype=torch.float32).expand(NUM_CLASSES).clone()
+        for index, f in per_roi.items():
+            pos_fraction[index - 1] = f
             if pos_channels is not None:  # a named ROI is weighted even where bce_pos_on leaves it out
-                pos_channels[c] = True
+                pos_channels[index - 1] = True
     kw = dict(log_dice=log_dice,
               focal_gamma=_number(t, "focal_gamma", 0.0, lambda v: v >= 0, "a number >= 0 (0 = plain BCE)"),
               focal_channels=_channels(t, "focal_on"),
@@ -259,10 +266,8 @@ class _RandomCrops:
         self.policy = crop_policy(preset)
         self.background_ratio = float(t.get("background_ratio", 1.0))
         self.roi_weights = np.array([float(t.get("lesion_ratio", 1.0)) if r.is_lesion else 1.0 for r in ROIS])
-        for name, factor in (t.get("roi_crop_weights") or {}).items():
-            if not float(factor) >= 0.0:
-                raise ValueError(f"train.roi_crop_weights[{name!r}] must be a weight >= 0, got {factor!r}")
-            self.roi_weights[roi(name).index - 1] *= float(factor)
+        for index, factor in _roi_numbers(t, "roi_crop_weights", lambda v: v >= 0, "a weight >= 0").items():
+            self.roi_weights[index - 1] *= factor
         self.balanced = RandCropByLabelClassesd(keys, "label", patch, ratios=[1.0] * (NUM_CLASSES + 1),
                                                 num_classes=NUM_CLASSES + 1, num_samples=num_samples,
                                                 indices_key="label_indices", allow_smaller=True, warn=False)

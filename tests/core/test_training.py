@@ -12,7 +12,7 @@ from cdpdnet.data import load_datalist
 from cdpdnet.factory import model_from_checkpoint
 from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
 from cdpdnet.preset import load_preset
-from cdpdnet.taxonomy import ROIS
+from cdpdnet.taxonomy import ROIS, UnknownROIError
 from cdpdnet.training import TrainConfig, Trainer, loss_from_preset, warmup_cosine_lr
 
 
@@ -80,8 +80,6 @@ def test_deep_supervision_trains_and_round_trips(phantoms, tmp_path):
 
 
 def _lesion_mask():
-    from cdpdnet.taxonomy import ROIS
-
     return [r.is_lesion for r in ROIS]
 
 
@@ -125,7 +123,7 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
 def test_per_roi_positive_weight_names_an_unknown_roi():
     """``train.bce_pos_fraction_rois``: a name outside the taxonomy is refused with the closest names; a
     synonym resolves; the entries sit above the lesions' fraction, the default and ``bce_pos_on``."""
-    with pytest.raises(ValueError, match="train.bce_pos_fraction_rois: unknown ROI 'lung nodulez'; closest: lung_tumor"):
+    with pytest.raises(UnknownROIError, match="unknown ROI 'lung nodulez'; closest: lung_tumor"):
         loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_fraction_rois": {"lung nodulez": 0.05}})
     f = loss_from_preset({"bce_pos_fraction": 0.01, "bce_pos_fraction_lesions": 0.02,
                           "bce_pos_fraction_rois": {"lung tumour": 0.05}}).pos_fraction  # synonyms resolve
