@@ -93,6 +93,12 @@ class PartialLabelLoss(nn.Module):
     Everywhere else an unannotated channel stays unknown (no gradient): the background of a
     partially labelled image is not a negative, a voxel of a labelled organ is.
 
+    ``pair_weights`` (a ``[C]`` tensor of positive numbers, none in the reference and by default)
+    weighs every pair of channel ``c`` by :math:`w_c` in both sums, which become weighted means
+    (:math:`\sum_S w_c \ell_{bc} / \sum_S w_c`): a ROI that few crops show and whose pair is one of
+    the ~15 annotated in a sample (the lung tumour) then gets more of the shared features'
+    gradient, with its own balance of positives and negatives unchanged.
+
     ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
     an unannotated channel's target taken as given (0 everywhere from
     :class:`cdpdnet.data.PartialLabelToChannelsd`).
@@ -105,9 +111,15 @@ class PartialLabelLoss(nn.Module):
                  treat_unannotated_as_background: bool = False, log_dice: bool = False,
                  focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
                  pos_fraction: float | Sequence[float] | torch.Tensor = 0.0, pos_channels: torch.Tensor | None = None,
-                 exclusion: torch.Tensor | None = None, exclusion_weight: float = 1.0) -> None:
+                 exclusion: torch.Tensor | None = None, exclusion_weight: float = 1.0,
+                 pair_weights: torch.Tensor | Sequence[float] | None = None) -> None:
         super().__init__()
         self.log_dice = bool(log_dice)
+        if pair_weights is not None:
+            pair_weights = torch.as_tensor(pair_weights, dtype=torch.float32)
+            if pair_weights.ndim != 1 or not bool((pair_weights > 0).all()):
+                raise ValueError(f"pair_weights must be one positive number per channel, got {pair_weights!r}")
+        self.pair_weights = pair_weights
         if exclusion is not None:
             exclusion = torch.as_tensor(exclusion, dtype=torch.float32)
             if exclusion.ndim != 2 or exclusion.shape[0] != exclusion.shape[1]:
@@ -193,9 +205,15 @@ class PartialLabelLoss(nn.Module):
         z, y = _flat(logits, target)
         bce, dice = self._per_pair(z, y)
         zero = bce.new_zeros(())
-        n = mask.sum().clamp_min(1).to(bce.dtype)
-        bce_m = torch.where(mask, bce, zero).sum() / n
-        dice_m = torch.where(mask, dice, zero).sum() / n
+        if self.pair_weights is None:
+            weight = mask.to(bce.dtype)
+        else:
+            if self.pair_weights.shape != (C,):
+                raise ValueError(f"pair_weights has {self.pair_weights.shape[0]} values but the logits have {C} channels")
+            weight = torch.where(mask, self.pair_weights.to(bce.device)[None, :], zero)
+        n = weight.sum().clamp_min(1e-12) if self.pair_weights is not None else weight.sum().clamp_min(1)
+        bce_m = torch.where(mask, bce * weight, zero).sum() / n
+        dice_m = torch.where(mask, dice * weight, zero).sum() / n
         loss = self.bce_weight * bce_m + self.dice_weight * dice_m
         self._last = {"bce": bce_m.detach(), "dice": dice_m.detach(), "pairs": mask.sum().detach()}
         if self.exclusion is not None and self.exclusion_weight > 0 and not bool(mask.all()):
@@ -240,10 +258,11 @@ class NaiveBackgroundLoss(PartialLabelLoss):
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  log_dice: bool = False, focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
                  pos_fraction: float | Sequence[float] | torch.Tensor = 0.0,
-                 pos_channels: torch.Tensor | None = None) -> None:
+                 pos_channels: torch.Tensor | None = None,
+                 pair_weights: torch.Tensor | Sequence[float] | None = None) -> None:
         super().__init__(bce_weight, dice_weight, smooth, treat_unannotated_as_background=True, log_dice=log_dice,
                          focal_gamma=focal_gamma, focal_channels=focal_channels, pos_fraction=pos_fraction,
-                         pos_channels=pos_channels)
+                         pos_channels=pos_channels, pair_weights=pair_weights)
 
 
 class DeepSupervisionLoss(nn.Module):

@@ -98,7 +98,8 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     ``bce_pos_fraction_lesions`` (the lesion channels' own fraction, default ``bce_pos_fraction``) /
     ``bce_pos_fraction_rois`` (``{ROI name: fraction}`` for single ROIs, above both and above
     ``bce_pos_on``) and
-    ``exclusion_weight`` (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
+    ``exclusion_weight`` and ``roi_loss_weights`` (``{ROI name: weight}``, the weight of that ROI's
+    pairs in the BCE and Dice means) (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
     baseline that takes unannotated ROIs as background (no exclusion term: every channel is supervised)."""
     log_dice = t.get("log_dice", False)
     if not isinstance(log_dice, bool):
@@ -116,7 +117,13 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
             pos_fraction[index - 1] = f
             if pos_channels is not None:  # a named ROI is weighted even where bce_pos_on leaves it out
                 pos_channels[index - 1] = True
-    kw = dict(log_dice=log_dice,
+    pair = _roi_numbers(t, "roi_loss_weights", lambda v: v > 0, "a weight > 0")
+    pair_weights = None
+    if pair:
+        pair_weights = torch.ones(NUM_CLASSES)
+        for index, w in pair.items():
+            pair_weights[index - 1] = w
+    kw = dict(log_dice=log_dice, pair_weights=pair_weights,
               focal_gamma=_number(t, "focal_gamma", 0.0, lambda v: v >= 0, "a number >= 0 (0 = plain BCE)"),
               focal_channels=_channels(t, "focal_on"),
               pos_fraction=pos_fraction,

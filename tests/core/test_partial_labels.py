@@ -277,6 +277,40 @@ def test_pos_fraction_pulls_small_structures_and_leaves_large_ones_and_empty_pai
             PartialLabelLoss(pos_fraction=bad)
 
 
+def test_pair_weights_make_weighted_means_over_the_annotated_pairs():
+    """``pair_weights``: the BCE and Dice means become weighted means over the annotated pairs (the
+    per-pair loop with each pair counted ``w_c`` times); all ones is the plain loss; a heavier channel
+    gets ``w`` times the gradient of the others, with its own pull and push unchanged; unannotated
+    channels still get none; a weight that is not positive, or one too few, is refused."""
+    logits, target, annotated = _random_batch(seed=11, C=4)
+    assert torch.allclose(PartialLabelLoss(pair_weights=torch.ones(4))(logits, target, annotated),
+                          PartialLabelLoss()(logits, target, annotated))
+    w = torch.tensor([1.0, 10.0, 2.0, 0.5])
+    loss = PartialLabelLoss(pair_weights=w)(logits, target, annotated)
+    bces, dices, ws = [], [], []
+    for b in range(logits.shape[0]):
+        for c in range(4):
+            if annotated[b, c]:
+                bce, dice = _loop_reference(logits[b:b + 1, c:c + 1], target[b:b + 1, c:c + 1], torch.ones(1, 1))
+                bces.append(bce * w[c])
+                dices.append(dice * w[c])
+                ws.append(w[c])
+    expected = (torch.stack(bces).sum() + torch.stack(dices).sum()) / torch.stack(ws).sum()
+    assert torch.allclose(loss.double(), expected, atol=1e-5)
+
+    z = torch.full((1, 3, 6, 6, 6), -4.0, requires_grad=True)
+    y = torch.zeros(1, 3, 6, 6, 6)
+    y[0, :, :2, :2, :2] = 1
+    PartialLabelLoss(pair_weights=[1.0, 10.0, 1.0])(z, y, torch.tensor([[True, True, False]])).backward()
+    assert torch.allclose(z.grad[0, 1], 10 * z.grad[0, 0])
+    assert z.grad[0, 1][y[0, 1] > 0].max() < 0 and torch.all(z.grad[0, 2] == 0)
+    with pytest.raises(ValueError, match="pair_weights has 2 values but the logits have 3 channels"):
+        PartialLabelLoss(pair_weights=[1.0, 2.0])(z, y)
+    for bad in ([1.0, 0.0, 1.0], [-1.0], [[1.0]]):
+        with pytest.raises(ValueError, match="pair_weights must be one positive number per channel"):
+            PartialLabelLoss(pair_weights=bad)
+
+
 def test_deep_supervision_loss_weights_scales_and_keeps_small_lesions():
     """Full-resolution loss weighted 4/7, the next scales 2/7 and 1/7 against the target averaged down:
     a one-voxel lesion is still a (fractional) target at 1/8 of the resolution, and unannotated

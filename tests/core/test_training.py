@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,12 +98,15 @@ def _lesion_mask():
     ("bce_pos_fraction_rois", {"lung_tumor": 0.05}, {"lung_tumor": 1.5},
      r"train.bce_pos_fraction_rois\['lung_tumor'\] must be a number in \[0, 1\)",
      lambda f: [round(float(v), 4) for v in f.pos_fraction] == [0.05 if r.name == "lung_tumor" else 0.0 for r in ROIS]),
+    ("roi_loss_weights", {"lung tumour": 10}, {"lung_tumor": 0},
+     r"train.roi_loss_weights\['lung_tumor'\] must be a weight > 0",
+     lambda f: f.pair_weights.tolist() == [10.0 if r.name == "lung_tumor" else 1.0 for r in ROIS]),
     ("exclusion_weight", 0.5, "on", r"train.exclusion_weight must be a number >= 0",
      lambda f: f.exclusion_weight == 0.5 and f.exclusion is not None and int(f.exclusion.sum()) > 0),
 ])
 def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
     """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` /
-    ``bce_pos_fraction_lesions`` / ``bce_pos_fraction_rois`` / ``exclusion_weight`` reach the loss the
+    ``bce_pos_fraction_lesions`` / ``bce_pos_fraction_rois`` / ``roi_loss_weights`` / ``exclusion_weight`` reach the loss the
     trainer uses (off by default); a bad value (or an unknown ROI) is refused with a message that names it."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
@@ -117,7 +121,17 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
                 Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))
     plain = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).loss_fn
     assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None and plain.pos_fraction == 0
-    assert plain.pos_channels is None and plain.exclusion is None
+    assert plain.pos_channels is None and plain.exclusion is None and plain.pair_weights is None
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "bench" / "presets").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_benchmark_presets_load_with_their_loss(path):
+    """Every experiment preset that docs/benchmarks.md names (``bench/presets/*.json``) still loads and
+    builds the loss it was measured with, so its documented command runs."""
+    preset = load_preset(str(path))
+    assert preset.name == path.stem
+    loss_from_preset(preset.train)
 
 
 def test_per_roi_positive_weight_names_an_unknown_roi():
