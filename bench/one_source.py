@@ -51,21 +51,27 @@ def main() -> None:
     from cdpdnet.data import load_datalist
     from cdpdnet.inference import Segmenter
     from cdpdnet.preprocessing import preprocess_transforms
-    from cdpdnet.taxonomy import ROIS, roi
+    from cdpdnet.taxonomy import ROIS, UnknownROIError, roi
     from cdpdnet.training import TrainConfig, Trainer
 
-    target = roi(a.roi)
+    try:
+        target = roi(a.roi)
+        named = [roi(n).index for n in (a.keep or a.drop)]
+    except UnknownROIError as e:
+        raise SystemExit(str(e)) from None
     dl = load_datalist(a.dataset)
     source = a.source or next((s for s, v in dl.sources.items() if target.index in v), None)
     if source is None or source not in dl.sources:
         raise SystemExit(f"no source of {a.dataset} annotates {target.name} (sources: {', '.join(dl.sources)})")
     samples = [s for s in dl.training if s.source == source]
     annotated = tuple(dl.sources[source])
+    foreign = [ROIS[v - 1].name for v in named if v not in annotated]
+    if foreign:
+        raise SystemExit(f"{source} does not annotate {', '.join(foreign)}")
     if a.keep:
-        annotated = tuple(roi(n).index for n in a.keep)
+        annotated = tuple(named)
     elif a.drop:
-        dropped = {roi(n).index for n in a.drop}
-        annotated = tuple(v for v in annotated if v not in dropped)
+        annotated = tuple(v for v in annotated if v not in set(named))
     samples = [dataclasses.replace(s, annotated=annotated) for s in samples]
     print(f"training {a.preset} for {a.minutes:g} min on {len(samples)} cases of {source}, annotated: "
           + ", ".join(ROIS[v - 1].name for v in annotated), flush=True)
