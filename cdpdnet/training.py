@@ -413,6 +413,10 @@ class Trainer:
         if self.cfg.schedule == "budget" and not self.cfg.max_minutes:
             raise ValueError("schedule 'budget' needs a time budget (max_minutes)")
         self.loss_fn = loss_from_preset(t, naive=self.cfg.loss == "naive")
+        # train.roi_loss_weights_decay: the ROI weights fall linearly to 1 over this fraction of the run
+        self.pair_weight_decay = _number(t, "roi_loss_weights_decay", 0.0, lambda v: 0 <= v <= 1,
+                                         "a fraction of the run in [0, 1] (0 = the weights stay)")
+        self._pair_weights0 = self.loss_fn.pair_weights
         self.deep_supervision = int(self.preset.network.deep_supervision)
         if self.deep_supervision:
             self.loss_fn = DeepSupervisionLoss(self.loss_fn)
@@ -522,6 +526,10 @@ class Trainer:
             for batch in loader:
                 if cfg.schedule == "budget":
                     lr = self._budget_lr(deadline)
+                if self.pair_weight_decay and self._pair_weights0 is not None:
+                    done = (1.0 - (deadline - time.monotonic()) / (cfg.max_minutes * 60) if cfg.schedule == "budget"
+                            else (epoch * self.iters + n) / (self.epochs * self.iters))
+                    self.decay_pair_weights(done)
                 loss = self._step(batch)
                 comp = self.loss_fn.components()
                 sums += (loss, comp.get("bce", 0.0), comp.get("dice", 0.0))
@@ -554,6 +562,14 @@ class Trainer:
         summary = self._finish(history, stopped)
         self.dist.close()
         return summary
+
+    def decay_pair_weights(self, done: float) -> None:
+        """``train.roi_loss_weights`` at the fraction ``done`` of the run: linearly from the preset's values
+        to 1 by ``train.roi_loss_weights_decay`` (a heavy weight that forms a rare ROI's features early
+        then leaves the shared features to the others)."""
+        left = max(0.0, 1.0 - max(done, 0.0) / self.pair_weight_decay)
+        loss = self.loss_fn.loss if isinstance(self.loss_fn, DeepSupervisionLoss) else self.loss_fn
+        loss.pair_weights = 1.0 + (self._pair_weights0 - 1.0) * left
 
     def _budget_lr(self, deadline: float) -> float:
         budget = self.cfg.max_minutes * 60

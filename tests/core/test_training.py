@@ -134,6 +134,35 @@ def test_benchmark_presets_load_with_their_loss(path):
     loss_from_preset(preset.train)
 
 
+def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
+    """``train.roi_loss_weights_decay``: the ROI weights fall linearly from the preset's values to 1 over
+    that fraction of the run (here half of 2 x 2 iterations), then stay at 1; without it they stay; a
+    fraction outside [0, 1] is refused."""
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"] = "tiny-decay"
+    d["train"].update(roi_loss_weights={"liver": 9}, roi_loss_weights_decay=0.5)
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    trainer = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))
+    liver = [r.name for r in ROIS].index("liver")
+    for done, weight in ((0.0, 9.0), (0.25, 5.0), (0.5, 1.0), (0.9, 1.0)):
+        trainer.decay_pair_weights(done)
+        assert float(trainer.loss_fn.pair_weights[liver]) == pytest.approx(weight)
+        assert float(trainer.loss_fn.pair_weights.sum()) == pytest.approx(len(ROIS) - 1 + weight)
+    trainer.decay_pair_weights(0.0)
+    trainer.run()  # the last steps are past half the run
+    assert float(trainer.loss_fn.pair_weights[liver]) == pytest.approx(1.0)
+    del d["train"]["roi_loss_weights_decay"]
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    kept = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run2"))
+    kept.run()
+    assert float(kept.loss_fn.pair_weights[liver]) == 9.0
+    d["train"]["roi_loss_weights_decay"] = 1.5
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"train.roi_loss_weights_decay must be a fraction of the run in \[0, 1\]"):
+        Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run3"))
+
+
 def test_per_roi_positive_weight_names_an_unknown_roi():
     """``train.bce_pos_fraction_rois``: a name outside the taxonomy is refused with the closest names; a
     synonym resolves; the entries sit above the lesions' fraction, the default and ``bce_pos_on``."""
