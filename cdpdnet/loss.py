@@ -211,7 +211,7 @@ class PartialLabelLoss(nn.Module):
             if self.pair_weights.shape != (C,):
                 raise ValueError(f"pair_weights has {self.pair_weights.shape[0]} values but the logits have {C} channels")
             weight = torch.where(mask, self.pair_weights.to(bce.device)[None, :], zero)
-        n = weight.sum().clamp_min(1e-12) if self.pair_weights is not None else weight.sum().clamp_min(1)
+        n = weight.sum().clamp_min(1e-12)  # nothing annotated: 0 / n = 0, still connected to the graph
         bce_m = torch.where(mask, bce * weight, zero).sum() / n
         dice_m = torch.where(mask, dice * weight, zero).sum() / n
         loss = self.bce_weight * bce_m + self.dice_weight * dice_m

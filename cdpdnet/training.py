@@ -526,7 +526,7 @@ class Trainer:
             for batch in loader:
                 if cfg.schedule == "budget":
                     lr = self._budget_lr(deadline)
-                if self.pair_weight_decay and self._pair_weights0 is not None:
+                if self.pair_weight_decay:
                     done = (1.0 - (deadline - time.monotonic()) / (cfg.max_minutes * 60) if cfg.schedule == "budget"
                             else (epoch * self.iters + n) / (self.epochs * self.iters))
                     self.decay_pair_weights(done)
@@ -567,6 +567,8 @@ class Trainer:
         """``train.roi_loss_weights`` at the fraction ``done`` of the run: linearly from the preset's values
         to 1 by ``train.roi_loss_weights_decay`` (a heavy weight that forms a rare ROI's features early
         then leaves the shared features to the others)."""
+        if not self.pair_weight_decay or self._pair_weights0 is None:
+            return
         left = max(0.0, 1.0 - max(done, 0.0) / self.pair_weight_decay)
         loss = self.loss_fn.loss if isinstance(self.loss_fn, DeepSupervisionLoss) else self.loss_fn
         loss.pair_weights = 1.0 + (self._pair_weights0 - 1.0) * left
