@@ -417,6 +417,8 @@ class Trainer:
         self.pair_weight_decay = _number(t, "roi_loss_weights_decay", 0.0, lambda v: 0 <= v <= 1,
                                          "a fraction of the run in [0, 1] (0 = the weights stay)")
         self._pair_weights0 = self.loss_fn.pair_weights
+        if self.pair_weight_decay and self._pair_weights0 is None:
+            raise ValueError("train.roi_loss_weights_decay needs train.roi_loss_weights (the weights it lowers to 1)")
         self.deep_supervision = int(self.preset.network.deep_supervision)
         if self.deep_supervision:
             self.loss_fn = DeepSupervisionLoss(self.loss_fn)
@@ -527,9 +529,8 @@ class Trainer:
                 if cfg.schedule == "budget":
                     lr = self._budget_lr(deadline)
                 if self.pair_weight_decay:
-                    done = (1.0 - (deadline - time.monotonic()) / (cfg.max_minutes * 60) if cfg.schedule == "budget"
-                            else (epoch * self.iters + n) / (self.epochs * self.iters))
-                    self.decay_pair_weights(done)
+                    self.decay_pair_weights(self._budget_done(deadline) if cfg.schedule == "budget"
+                                            else (epoch * self.iters + n) / (self.epochs * self.iters))
                 loss = self._step(batch)
                 comp = self.loss_fn.components()
                 sums += (loss, comp.get("bce", 0.0), comp.get("dice", 0.0))
@@ -573,9 +574,12 @@ class Trainer:
         loss = self.loss_fn.loss if isinstance(self.loss_fn, DeepSupervisionLoss) else self.loss_fn
         loss.pair_weights = 1.0 + (self._pair_weights0 - 1.0) * left
 
+    def _budget_done(self, deadline: float) -> float:
+        """The fraction of the time budget spent, in [0, 1]."""
+        return min(max(1.0 - (deadline - time.monotonic()) / (self.cfg.max_minutes * 60), 0.0), 1.0)
+
     def _budget_lr(self, deadline: float) -> float:
-        budget = self.cfg.max_minutes * 60
-        permille = int(1000 * min(max(1.0 - (deadline - time.monotonic()) / budget, 0.0), 1.0))
+        permille = int(1000 * self._budget_done(deadline))
         lr = warmup_cosine_lr(permille, self.base_lr, 20, 1000, start_lr=0.1 * self.base_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr

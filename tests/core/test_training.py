@@ -137,7 +137,7 @@ def test_benchmark_presets_load_with_their_loss(path):
 def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
     """``train.roi_loss_weights_decay``: the ROI weights fall linearly from the preset's values to 1 over
     that fraction of the run (here half of 2 x 2 iterations), then stay at 1; without it they stay; a
-    fraction outside [0, 1] is refused."""
+    fraction outside [0, 1], or a decay without weights, is refused."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
     d["name"] = "tiny-decay"
@@ -161,6 +161,11 @@ def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_pat
     (tmp_path / "p.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"train.roi_loss_weights_decay must be a fraction of the run in \[0, 1\]"):
         Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run3"))
+    del d["train"]["roi_loss_weights"]
+    d["train"]["roi_loss_weights_decay"] = 0.5
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="train.roi_loss_weights_decay needs train.roi_loss_weights"):
+        Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run4"))
 
 
 def test_per_roi_positive_weight_names_an_unknown_roi():
