@@ -134,6 +134,20 @@ def test_benchmark_presets_load_with_their_loss(path):
     loss_from_preset(preset.train)
 
 
+def test_previous_lite_wide_preset_differs_only_in_its_head():
+    """``bench/presets/lite-wide-v4.json`` is ``lite-wide`` as measured before the 64-wide head: the same
+    settings except ``network.head_hidden`` 32, and the presets measured against it keep that width."""
+    presets = Path(__file__).parents[2] / "bench" / "presets"
+    new, old = load_preset("lite-wide").to_dict(), load_preset(str(presets / "lite-wide-v4.json")).to_dict()
+    assert (new["network"]["head_hidden"], old["network"]["head_hidden"]) == (64, 32)
+    for d in (new, old):
+        d.pop("name"), d.pop("description"), d["network"].pop("head_hidden")
+    assert new == old
+    for stem in ("lite-wide-v3", "lite-wide-ltw10", "lite-wide-ltw3", "lite-wide-ltw10-decay", "lite-wide-ltpos05"):
+        assert load_preset(str(presets / f"{stem}.json")).network.head_hidden == 32, stem
+    assert load_preset(str(presets / "lite-wide-hh64.json")).network.head_hidden == 64
+
+
 def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
     """``train.roi_loss_weights_decay``: the ROI weights fall linearly from the preset's values to 1 over
     that fraction of the run (here half of 2 x 2 iterations), then stay at 1; without it they stay; a
