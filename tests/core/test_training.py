@@ -124,7 +124,10 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
     assert plain.pos_channels is None and plain.exclusion is None and plain.pair_weights is None
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "bench" / "presets").glob("*.json")),
+BENCH_PRESETS = Path(__file__).parents[2] / "bench" / "presets"
+
+
+@pytest.mark.parametrize("path", sorted(BENCH_PRESETS.glob("*.json")),
                          ids=lambda p: p.stem)
 def test_benchmark_presets_load_with_their_loss(path):
     """Every experiment preset that docs/benchmarks.md names (``bench/presets/*.json``) still loads and
@@ -137,15 +140,14 @@ def test_benchmark_presets_load_with_their_loss(path):
 def test_previous_lite_wide_preset_differs_only_in_its_head():
     """``bench/presets/lite-wide-v4.json`` is ``lite-wide`` as measured before the 64-wide head: the same
     settings except ``network.head_hidden`` 32, and the presets measured against it keep that width."""
-    presets = Path(__file__).parents[2] / "bench" / "presets"
-    new, old = load_preset("lite-wide").to_dict(), load_preset(str(presets / "lite-wide-v4.json")).to_dict()
+    new, old = load_preset("lite-wide").to_dict(), load_preset(str(BENCH_PRESETS / "lite-wide-v4.json")).to_dict()
     assert (new["network"]["head_hidden"], old["network"]["head_hidden"]) == (64, 32)
     for d in (new, old):
         d.pop("name"), d.pop("description"), d["network"].pop("head_hidden")
     assert new == old
     for stem in ("lite-wide-v3", "lite-wide-ltw10", "lite-wide-ltw3", "lite-wide-ltw10-decay", "lite-wide-ltpos05"):
-        assert load_preset(str(presets / f"{stem}.json")).network.head_hidden == 32, stem
-    assert load_preset(str(presets / "lite-wide-hh64.json")).network.head_hidden == 64
+        assert load_preset(str(BENCH_PRESETS / f"{stem}.json")).network.head_hidden == 32, stem
+    assert load_preset(str(BENCH_PRESETS / "lite-wide-hh64.json")).network.head_hidden == 64
 
 
 def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
