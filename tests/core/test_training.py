@@ -137,17 +137,30 @@ def test_benchmark_presets_load_with_their_loss(path):
     loss_from_preset(preset.train)
 
 
-def test_previous_lite_wide_preset_differs_only_in_its_head():
-    """``bench/presets/lite-wide-v4.json`` is ``lite-wide`` as measured before the 64-wide head: the same
-    settings except ``network.head_hidden`` 32, and the presets measured against it keep that width."""
-    new, old = load_preset("lite-wide").to_dict(), load_preset(str(BENCH_PRESETS / "lite-wide-v4.json")).to_dict()
-    assert (new["network"]["head_hidden"], old["network"]["head_hidden"]) == (64, 32)
-    for d in (new, old):
-        d.pop("name"), d.pop("description"), d["network"].pop("head_hidden")
-    assert new == old
+def _without(preset: str, *paths: tuple[str, str]) -> dict:
+    """A preset's settings without its name, description and the given ``(section, key)`` entries."""
+    d = load_preset(preset).to_dict()
+    d.pop("name"), d.pop("description")
+    for section, key in paths:
+        d[section].pop(key, None)
+    return d
+
+
+def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
+    """``bench/presets/lite-wide-v5.json`` is ``lite-wide`` before the hepatic vessel tumour's pair weight
+    (every ROI at weight 1) and ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured
+    against each keep what they were measured with."""
+    v4, v5 = (str(BENCH_PRESETS / f"lite-wide-{v}.json") for v in ("v4", "v5"))
+    assert load_preset("lite-wide").train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
+    assert not load_preset(v5).train["roi_loss_weights"]
+    assert _without("lite-wide", ("train", "roi_loss_weights")) == _without(v5, ("train", "roi_loss_weights"))
+    assert (load_preset(v5).network.head_hidden, load_preset(v4).network.head_hidden) == (64, 32)
+    assert _without(v5, ("network", "head_hidden")) == _without(v4, ("network", "head_hidden"))
     for stem in ("lite-wide-v3", "lite-wide-ltw10", "lite-wide-ltw3", "lite-wide-ltw10-decay", "lite-wide-ltpos05"):
         assert load_preset(str(BENCH_PRESETS / f"{stem}.json")).network.head_hidden == 32, stem
-    assert load_preset(str(BENCH_PRESETS / "lite-wide-hh64.json")).network.head_hidden == 64
+    for stem in ("lite-wide-hh64", "lite-wide-hh128"):
+        assert not load_preset(str(BENCH_PRESETS / f"{stem}.json")).train.get("roi_loss_weights"), stem
+    assert load_preset(str(BENCH_PRESETS / "lite-wide-hvtw3.json")).train == load_preset("lite-wide").train
 
 
 def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
