@@ -1,5 +1,6 @@
 """Training: checkpoints, resume, stop, fine-tuning, DDP (tiny preset, random DINO: plumbing)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -137,9 +138,14 @@ def test_benchmark_presets_load_with_their_loss(path):
     loss_from_preset(preset.train)
 
 
-def _without(preset: str, *paths: tuple[str, str]) -> dict:
+def _bench(stem: str):
+    """A benchmark experiment preset (``bench/presets/STEM.json``)."""
+    return load_preset(str(BENCH_PRESETS / f"{stem}.json"))
+
+
+def _without(preset, *paths: tuple[str, str]) -> dict:
     """A preset's settings without its name, description and the given ``(section, key)`` entries."""
-    d = load_preset(preset).to_dict()
+    d = copy.deepcopy(preset.to_dict())  # to_dict shares the preset's sections
     d.pop("name"), d.pop("description")
     for section, key in paths:
         d[section].pop(key, None)
@@ -150,17 +156,17 @@ def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
     """``bench/presets/lite-wide-v5.json`` is ``lite-wide`` before the hepatic vessel tumour's pair weight
     (every ROI at weight 1) and ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured
     against each keep what they were measured with."""
-    v4, v5 = (str(BENCH_PRESETS / f"lite-wide-{v}.json") for v in ("v4", "v5"))
-    assert load_preset("lite-wide").train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
-    assert not load_preset(v5).train["roi_loss_weights"]
-    assert _without("lite-wide", ("train", "roi_loss_weights")) == _without(v5, ("train", "roi_loss_weights"))
-    assert (load_preset(v5).network.head_hidden, load_preset(v4).network.head_hidden) == (64, 32)
+    now, v5, v4 = load_preset("lite-wide"), _bench("lite-wide-v5"), _bench("lite-wide-v4")
+    assert now.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
+    assert not v5.train["roi_loss_weights"]
+    assert _without(now, ("train", "roi_loss_weights")) == _without(v5, ("train", "roi_loss_weights"))
+    assert (v5.network.head_hidden, v4.network.head_hidden) == (64, 32)
     assert _without(v5, ("network", "head_hidden")) == _without(v4, ("network", "head_hidden"))
     for stem in ("lite-wide-v3", "lite-wide-ltw10", "lite-wide-ltw3", "lite-wide-ltw10-decay", "lite-wide-ltpos05"):
-        assert load_preset(str(BENCH_PRESETS / f"{stem}.json")).network.head_hidden == 32, stem
+        assert _bench(stem).network.head_hidden == 32, stem
     for stem in ("lite-wide-hh64", "lite-wide-hh128"):
-        assert not load_preset(str(BENCH_PRESETS / f"{stem}.json")).train.get("roi_loss_weights"), stem
-    assert load_preset(str(BENCH_PRESETS / "lite-wide-hvtw3.json")).train == load_preset("lite-wide").train
+        assert not _bench(stem).train.get("roi_loss_weights"), stem
+    assert _bench("lite-wide-hvtw3").train == now.train
 
 
 def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
