@@ -68,9 +68,10 @@ class Preset:
                    dict(d["train"]), dict(d["infer"]), d.get("description", ""), copy.deepcopy(d))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "network": self.network.to_dict(),
-                "dino": self.dino, "text": self.text, "preprocess": self.preprocess, "patch_size": self.patch_size,
-                "train": self.train, "infer": self.infer}
+        """The preset as plain data, a copy: changing it leaves the preset as it was."""
+        return copy.deepcopy({"name": self.name, "description": self.description, "network": self.network.to_dict(),
+                              "dino": self.dino, "text": self.text, "preprocess": self.preprocess,
+                              "patch_size": self.patch_size, "train": self.train, "infer": self.infer})
 
 
 def _raw_preset(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict:

@@ -1,6 +1,5 @@
 """Training: checkpoints, resume, stop, fine-tuning, DDP (tiny preset, random DINO: plumbing)."""
 
-import copy
 import json
 import os
 import subprocess
@@ -145,11 +144,21 @@ def _bench(stem: str):
 
 def _without(preset, *paths: tuple[str, str]) -> dict:
     """A preset's settings without its name, description and the given ``(section, key)`` entries."""
-    d = copy.deepcopy(preset.to_dict())  # to_dict shares the preset's sections
+    d = preset.to_dict()
     d.pop("name"), d.pop("description")
     for section, key in paths:
         d[section].pop(key, None)
     return d
+
+
+def test_preset_to_dict_is_a_copy():
+    """Editing ``Preset.to_dict()`` (as a script that derives a preset does) leaves the preset unchanged."""
+    preset = load_preset("lite-wide")
+    d = preset.to_dict()
+    d["train"]["roi_loss_weights"]["liver"] = 9
+    d["infer"]["threshold"] = 0.9
+    assert preset.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
+    assert preset.infer["threshold"] == 0.4
 
 
 def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
