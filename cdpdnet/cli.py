@@ -52,12 +52,10 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _roi_thresholds(items: list[str] | None) -> dict[str, float] | None:
-    """``["celiac_trunk=0.25", ...]`` -> ``{"celiac_trunk": 0.25}``; None (the preset's) when not given."""
-    if not items:
-        return None
+def _roi_thresholds(items: list[str] | None) -> dict[str, float]:
+    """``["celiac_trunk=0.25", ...]`` -> ``{"celiac_trunk": 0.25}`` (empty when not given)."""
     out = {}
-    for item in items:
+    for item in items or ():
         name, _, value = item.rpartition("=")
         try:
             threshold = float(value)
@@ -69,12 +67,25 @@ def _roi_thresholds(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
+def infer_roi_thresholds(preset_map: dict | None, items: list[str] | None, keep_preset: bool = True) -> dict[int, float]:
+    """The per-ROI thresholds of ``cdpdnet infer``: the preset's ``infer.roi_thresholds`` (unless
+    ``keep_preset`` is false), each ``--roi-threshold NAME=VALUE`` set over it. Keys are label values, so
+    that a synonym on the command line replaces the preset's entry for the same ROI."""
+    from .taxonomy import roi
+
+    merged = {roi(k).index: float(t) for k, t in dict(preset_map or {}).items()} if keep_preset else {}
+    merged.update({roi(k).index: t for k, t in _roi_thresholds(items).items()})
+    return merged
+
+
 def cmd_infer(a) -> int:
+    from .factory import model_from_checkpoint
     from .inference import Segmenter
 
-    seg = Segmenter(a.model, device=a.device, overlap=a.overlap, threshold=a.threshold,
-                    lesion_threshold=a.lesion_threshold, roi_thresholds=_roi_thresholds(a.roi_threshold),
-                    postprocess=not a.no_postprocess)
+    loaded = model_from_checkpoint(a.model, a.device)
+    per_roi = infer_roi_thresholds(loaded.preset.infer.get("roi_thresholds"), a.roi_threshold, not a.no_roi_thresholds)
+    seg = Segmenter(loaded, device=a.device, overlap=a.overlap, threshold=a.threshold,
+                    lesion_threshold=a.lesion_threshold, roi_thresholds=per_roi, postprocess=not a.no_postprocess)
     inputs = [Path(p) for p in a.input]
     out = Path(a.output)
     if len(inputs) > 1 and out.suffix:
@@ -210,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lesion-threshold", type=float,
                    help="sigmoid threshold of the tumour and cyst channels (default: the preset's, else --threshold)")
     s.add_argument("--roi-threshold", action="append", metavar="NAME=VALUE",
-                   help="threshold of one ROI, above the two others (repeatable; default: the preset's "
-                        "infer.roi_thresholds)")
+                   help="threshold of one ROI, above the two others (repeatable); set over the preset's "
+                        "infer.roi_thresholds, whose other entries stay")
+    s.add_argument("--no-roi-thresholds", action="store_true",
+                   help="ignore the preset's infer.roi_thresholds (only --roi-threshold entries apply)")
     s.add_argument("--no-postprocess", action="store_true", help="skip connected-component post-processing")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_infer)

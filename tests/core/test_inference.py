@@ -271,3 +271,30 @@ def test_roi_thresholds_override_for_single_rois(tiny_checkpoint, monkeypatch):
         Segmenter(tiny_checkpoint, roi_thresholds={"livr tumour": 0.3})
     with pytest.raises(ValueError, match="roi_thresholds\\['celiac_trunk'\\] must be in"):
         Segmenter(tiny_checkpoint, roi_thresholds={"celiac_trunk": 0.0})
+
+
+def test_cli_roi_threshold_sets_one_entry_over_the_presets_map(tiny_checkpoint, tmp_path, monkeypatch):
+    """``cdpdnet infer --roi-threshold NAME=VALUE`` changes that ROI only: the preset's other per-ROI
+    thresholds stay (a synonym replaces the preset's entry of the same ROI), and ``--no-roi-thresholds``
+    drops the preset's map."""
+    from cdpdnet.cli import main
+
+    img = _liver_with_uncertain_tumour(monkeypatch)  # liver p 0.9, liver tumour p 0.35
+    nib.save(nib.Nifti1Image(img, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "ct.nii.gz")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["preset"]["infer"].update(threshold=0.4, lesion_threshold=0.4, roi_thresholds={"liver_tumor": 0.3})
+    save_checkpoint(tmp_path / "m.pt", ckpt)
+    liver, tumour = roi_index("liver"), roi_index("liver_tumor")
+
+    def present(*extra: str) -> set[int]:
+        out = tmp_path / "seg.nii.gz"
+        assert main(["infer", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "ct.nii.gz"),
+                     "--output", str(out), "--rois", "liver,liver_tumor", *extra]) == 0
+        return set(np.unique(np.asarray(nib.load(out).dataobj)).tolist()) - {0}
+
+    assert present() == {liver, tumour}  # the preset's 0.3 lets the p 0.35 tumour through
+    assert present("--roi-threshold", "liver=0.5") == {liver, tumour}  # the tumour's 0.3 kept
+    assert present("--roi-threshold", "liver=0.95") == set()  # the tumour goes with its host
+    assert present("--roi-threshold", "liver tumour=0.5") == {liver}  # a synonym replaces the entry
+    assert present("--no-roi-thresholds") == {liver}  # lesion_threshold 0.4 again
+    assert present("--no-roi-thresholds", "--roi-threshold", "liver_tumor=0.3") == {liver, tumour}
