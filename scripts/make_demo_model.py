@@ -2,7 +2,10 @@
 """Make the demo model: train the ``lite-wide`` preset on the demo datalist (real CTs + phantoms) on the CPU.
 
 The result is cached outside git (``${CDPDNET_CACHE:-~/.cache/cdpdnet}/models/``) under a key made
-of the datalist, the resolved preset and the training code, so a second run reuses it at once. ``--install PATH``
+of the datalist, the resolved preset less its inference settings, and the training code, so a second
+run reuses it at once. The preset's ``infer`` section (thresholds, overlap) does not change what is
+trained: a cached model whose stored ``infer`` differs from the preset's gets the preset's, without
+training again. ``--install PATH``
 copies it (atomically) to where the app looks for a pretrained model. Training time is set by
 ``--minutes`` (default 20 on 2 CPU cores).
 """
@@ -22,14 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cache_key(datalist: Path, preset: str, minutes: float) -> str:
-    """The datalist, the resolved preset (without its description: a changed description or another
-    preset's edit does not retrain) and the code that training runs."""
+    """The datalist, the resolved preset (without its description and its ``infer`` section: a changed
+    description, inference setting or another preset's edit does not retrain) and the code that training
+    runs."""
     import json
 
     from cdpdnet.preset import load_preset
 
     settings = load_preset(preset).to_dict()
     settings.pop("description")
+    settings.pop("infer", None)
     h = hashlib.sha256()
     h.update(datalist.read_bytes())
     h.update(f"{minutes}|{json.dumps(settings, sort_keys=True)}".encode())
@@ -38,6 +43,24 @@ def cache_key(datalist: Path, preset: str, minutes: float) -> str:
         for f in sorted(p.rglob("*.py") if p.is_dir() else [p]):
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def refresh_inference_settings(model: Path, preset: str) -> bool:
+    """Give the checkpoint ``model`` the preset's current ``infer`` section and description (atomically);
+    True if they differed. Training did not depend on either (see :func:`cache_key`)."""
+    from cdpdnet.checkpoint import load_checkpoint, save_checkpoint
+    from cdpdnet.preset import load_preset
+
+    now = load_preset(preset).to_dict()
+    ckpt = load_checkpoint(model)
+    stored = ckpt["preset"]
+    if stored.get("infer") == now["infer"] and stored.get("description") == now["description"]:
+        return False
+    ckpt["preset"] = {**stored, "infer": now["infer"], "description": now["description"]}
+    for tag in ("format", "format_version", "saved_at"):  # save_checkpoint writes these afresh
+        ckpt.pop(tag, None)
+    save_checkpoint(model, ckpt)
+    return True
 
 
 def main() -> int:
@@ -63,6 +86,8 @@ def main() -> int:
     model = cache / f"demo-{name}-{key}.pt"
     if model.is_file() and not a.force:
         print(f"demo model: reusing {model}")
+        if refresh_inference_settings(model, a.preset):
+            print("demo model: inference settings updated to the preset's (no training needed)")
     else:
         dl = load_datalist(datalist)
         print(dl.report())

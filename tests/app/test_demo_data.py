@@ -276,19 +276,48 @@ def test_add_threshold_lungs_sides_by_affine_and_keeps_the_lesion_on_top():
         assert (out[patient_left] == 3).mean() > 0.95 and (out[right if patient_left is left else left] == 2).mean() > 0.95
 
 
-def test_demo_model_cache_key_follows_settings_not_descriptions(tmp_path):
-    """The demo model (20 CPU minutes) is retrained when a setting of its preset changes, not when a
-    description or another preset's file does."""
+def test_demo_model_cache_key_follows_training_settings_only(tmp_path):
+    """The demo model (20 CPU minutes) is retrained when a training setting of its preset changes, not
+    when a description, an inference setting or another preset's file does."""
     key = _load("make_demo_model").cache_key
     datalist = tmp_path / "datalist.json"
     datalist.write_text('{"training": []}')
     base = json.loads((REPO / "cdpdnet" / "presets" / "lite-wide.json").read_text())
     variants = {}
     for name, change in {"same": {}, "description": {"description": "edited"},
-                         "threshold": {"infer": {**base["infer"], "threshold": 0.45}}}.items():
+                         "threshold": {"infer": {**base["infer"], "threshold": 0.45}},
+                         "lr": {"train": {**base["train"], "lr": 0.001}}}.items():
         f = tmp_path / f"{name}.json"
         f.write_text(json.dumps({**base, **change, "name": "lite-wide"}))
         variants[name] = key(datalist, str(f), 20.0)
-    assert variants["same"] == variants["description"] == key(datalist, "lite-wide", 20.0)
-    assert variants["threshold"] != variants["same"]
+    assert variants["same"] == variants["description"] == variants["threshold"] == key(datalist, "lite-wide", 20.0)
+    assert variants["lr"] != variants["same"]
     assert key(datalist, "lite-wide", 10.0) != variants["same"]
+
+
+def test_reused_demo_model_takes_the_presets_inference_settings(tiny_checkpoint, tmp_path):
+    """A cached demo model reused after an inference-only change of its preset (the key is the same)
+    gets the preset's ``infer`` section and description; its weights stay."""
+    import shutil
+
+    import torch
+
+    from cdpdnet.checkpoint import load_checkpoint
+    from cdpdnet.inference import Segmenter
+
+    refresh = _load("make_demo_model").refresh_inference_settings
+    model = tmp_path / "demo.pt"
+    shutil.copy(tiny_checkpoint, model)
+    before = load_checkpoint(model)
+    preset = dict(before["preset"], description="edited")
+    preset["infer"] = {**preset["infer"], "threshold": 0.45, "roi_thresholds": {"celiac_trunk": 0.25}}
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    assert refresh(model, str(tmp_path / "preset.json")) is True
+    after = load_checkpoint(model)
+    assert after["preset"]["infer"]["threshold"] == 0.45 and after["preset"]["description"] == "edited"
+    assert {k: v for k, v in after["preset"].items() if k not in ("infer", "description")} == \
+        {k: v for k, v in before["preset"].items() if k not in ("infer", "description")}
+    assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+    seg = Segmenter(model)
+    assert seg.threshold == 0.45 and seg.threshold_of(roi("celiac_trunk").index) == 0.25
+    assert refresh(model, str(tmp_path / "preset.json")) is False  # nothing to do the second time
