@@ -157,25 +157,31 @@ def test_preset_to_dict_is_a_copy():
     d = preset.to_dict()
     d["train"]["roi_loss_weights"]["liver"] = 9
     d["infer"]["threshold"] = 0.9
-    assert preset.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
+    assert preset.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3, "colon_tumor": 2}
     assert preset.infer["threshold"] == 0.4
 
 
 def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
-    """``bench/presets/lite-wide-v5.json`` is ``lite-wide`` before the hepatic vessel tumour's pair weight
-    (every ROI at weight 1) and ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured
-    against each keep what they were measured with."""
-    now, v5, v4 = load_preset("lite-wide"), _bench("lite-wide-v5"), _bench("lite-wide-v4")
-    assert now.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
+    """``bench/presets/lite-wide-v6.json`` is ``lite-wide`` before the colon tumour's pair weight 2,
+    ``lite-wide-v5.json`` before the hepatic vessel tumour's pair weight (every ROI at weight 1) and
+    ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured against each keep what
+    they were measured with."""
+    now, v6, v5, v4 = (load_preset("lite-wide"), _bench("lite-wide-v6"), _bench("lite-wide-v5"),
+                       _bench("lite-wide-v4"))
+    assert now.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3, "colon_tumor": 2}
+    assert v6.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
     assert not v5.train["roi_loss_weights"]
-    assert _without(now, ("train", "roi_loss_weights")) == _without(v5, ("train", "roi_loss_weights"))
+    for a, b in ((now, v6), (v6, v5)):
+        assert _without(a, ("train", "roi_loss_weights")) == _without(b, ("train", "roi_loss_weights"))
     assert (v5.network.head_hidden, v4.network.head_hidden) == (64, 32)
     assert _without(v5, ("network", "head_hidden")) == _without(v4, ("network", "head_hidden"))
     for stem in ("lite-wide-v3", "lite-wide-ltw10", "lite-wide-ltw3", "lite-wide-ltw10-decay", "lite-wide-ltpos05"):
         assert _bench(stem).network.head_hidden == 32, stem
     for stem in ("lite-wide-hh64", "lite-wide-hh128"):
         assert not _bench(stem).train.get("roi_loss_weights"), stem
-    assert _bench("lite-wide-hvtw3").train == now.train
+    assert _bench("lite-wide-hvtw3").train == v6.train
+    assert _bench("lite-wide-ctw2").train == now.train  # the experiment that was adopted
+    assert _bench("lite-wide-ctw3").train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3, "colon_tumor": 3}
 
 
 def test_roi_loss_weights_decay_to_one_over_the_given_fraction(phantoms, tmp_path):
