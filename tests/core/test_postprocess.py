@@ -208,6 +208,36 @@ def test_tumour_outside_host_removed_inside_kept():
     np.testing.assert_array_equal(out0[27], inside.astype(bool))
 
 
+def test_lesion_component_lying_in_another_organ_is_dropped():
+    """A liver tumour channel that also fires on the right adrenal gland (next to the liver, inside the
+    tumour's host margin) would paint the gland out of the label map: that component, lying in an
+    organ the liver tumour may not overlap and outside the liver, is dropped; the real tumour, one only
+    bordering the gland, one inside the liver that another organ's channel covers too, and a tumour
+    over its own host are kept. ``lesion_in_organ_fraction=None`` keeps them all."""
+    shape = (24, 20, 16)
+    liver = box((2, 2, 2), (14, 14, 12), shape)
+    gland = box((14, 4, 4), (16, 6, 6), shape)  # touches the liver: half of it within a 6 mm margin at 6 mm
+    tumour = box((5, 5, 5), (8, 8, 8), shape)
+    bordering = box((12, 9, 4), (15, 11, 6), shape)  # 6 voxels, 2 of them in a second gland mask
+    gland2 = box((14, 9, 4), (16, 10, 6), shape)
+    masks = {6: liver, 12: gland | gland2, 27: tumour | gland | bordering}
+    out = postprocess_masks(masks, spacing=(6.0, 6.0, 6.0), host_margin_mm=6.0)
+    np.testing.assert_array_equal(out[27], (tumour | bordering).astype(bool))
+    label = merge_to_label_map(out)
+    assert (label[gland.astype(bool)] == 12).all() and (label[tumour.astype(bool)] == 27).all()
+    kept = postprocess_masks(masks, spacing=(6.0, 6.0, 6.0), host_margin_mm=6.0, lesion_in_organ_fraction=None)
+    in_margin = box((14, 4, 4), (15, 6, 6), shape)  # the gland's half within one voxel of the liver
+    np.testing.assert_array_equal(kept[27], (tumour | in_margin | bordering).astype(bool))
+    assert (merge_to_label_map(kept)[in_margin.astype(bool)] == 27).all()
+    # an organ channel that fires on a tumour inside the tumour's host does not take the tumour
+    spleen_over_tumour = box((4, 4, 4), (9, 9, 9), shape)
+    np.testing.assert_array_equal(postprocess_masks({6: liver, 1: spleen_over_tumour, 27: tumour})[27], tumour.astype(bool))
+    # a lesion may lie in its host and in what its host may overlap: kidney tumour over the kidney kept
+    kidney = box((2, 2, 2), (8, 8, 8), shape)
+    ktum = box((3, 3, 3), (5, 5, 5), shape)
+    np.testing.assert_array_equal(postprocess_masks({2: kidney, 26: ktum})[26], ktum.astype(bool))
+
+
 def test_host_margin_converted_per_axis():
     liver = box((2, 2, 2), (10, 10, 10))
     along_z = box((5, 5, 10), (6, 6, 12))  # 2 voxels past the liver along axis 2
@@ -255,7 +285,8 @@ def test_psv_cut_below_pancreas_and_without_pancreas():
 
 def test_masks_touching_borders():
     full = np.ones(SHAPE, np.uint8)
-    out = postprocess_masks({6: full, 27: full, 16: full[:, :, :], 17: np.zeros(SHAPE, bool)})
+    # (a liver tumour filling a lung would be dropped as lying in another organ: kept here, borders are the point)
+    out = postprocess_masks({6: full, 27: full, 16: full[:, :, :], 17: np.zeros(SHAPE, bool)}, lesion_in_organ_fraction=None)
     assert out[6].all() and out[27].all()  # host touching the border is not eroded by the closing
     assert out[16].all() and not out[17].any()
     corner = box((0, 0, 0), (3, 3, 3)) | box((SHAPE[0] - 2, SHAPE[1] - 2, SHAPE[2] - 2), SHAPE)
