@@ -10,6 +10,7 @@ final map): a diagnostic, about 3 s per phantom. Usage::
 
     python bench/lesion_probe.py runs/bench-learning/partial/model.pt runs/bench-learning/phantoms/dataset.json
     python bench/lesion_probe.py MODEL DATASET --split training --source phantom_pelvis_chest  # cases it trained on
+    python bench/lesion_probe.py MODEL DATASET --rois adrenal_gland_right  # any ROI, organs too
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("dataset")
     ap.add_argument("--split", choices=["test", "training"], default="test")
     ap.add_argument("--source", help="only the cases of this source dataset")
+    ap.add_argument("--rois", nargs="+", metavar="NAME",
+                    help="these ROIs (names or synonyms; organs too) instead of the annotated lesions")
     a = ap.parse_args()
 
     import numpy as np
@@ -37,12 +40,13 @@ def main() -> None:
     from cdpdnet.imageio import load_image
     from cdpdnet.inference import Segmenter
     from cdpdnet.metrics import dice
-    from cdpdnet.taxonomy import ROIS
+    from cdpdnet.taxonomy import ROIS, roi
 
     seg = Segmenter(a.model)
     dl = load_datalist(a.dataset)
     cases = [s for s in getattr(dl, a.split) if a.source is None or s.source == a.source]
-    print("| case | lesion | voxels (model grid) | max p inside | max p outside | Dice model grid | Dice final |")
+    chosen = {roi(n).index for n in a.rois} if a.rois else None
+    print("| case | ROI | voxels (model grid) | max p inside | max p outside | Dice model grid | Dice final |")
     print("|---|---|---|---|---|---|---|")
     for s in cases:
         x = seg.preprocess({"image": load_image(s.image)})["image"]
@@ -54,7 +58,8 @@ def main() -> None:
         full = np.asarray(gt[0]).round()
         for r in ROIS:
             m = on_grid == r.index
-            if not r.is_lesion or r.index not in s.annotated or not m.any():
+            wanted = r.index in chosen if chosen else r.is_lesion
+            if not wanted or r.index not in s.annotated or not m.any():
                 continue
             p = prob[r.index - 1]
             t = seg.threshold_of(r.index)
