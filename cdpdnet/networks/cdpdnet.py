@@ -195,5 +195,9 @@ class CDPDNet(nn.Module):
             x = self.decoder[u](torch.cat([x, self.skip_films[-(u + 1)](skip, organ)], 1))
             if aux and u in self.aux_stages:
                 extra.append(self.aux_outputs[self.aux_stages.index(u)](x))
-        out = self.seg_outputs[-1](self.head_hidden(x))
+        if self.cfg.head_float32:
+            with torch.autocast(x.device.type, enabled=False):
+                out = self.seg_outputs[-1](self.head_hidden(x.float()))
+        else:
+            out = self.seg_outputs[-1](self.head_hidden(x))
         return (out, extra[::-1]) if aux else out

@@ -143,6 +143,21 @@ def test_instance_norm_keeps_channels_last_and_matches_the_exact_kernel():
     torch.testing.assert_close(ours(x), ref(x))  # contiguous input: the exact kernel
 
 
+def test_instance_norm_of_a_bf16_input_is_computed_and_returned_in_float32():
+    """Under autocast a conv hands the norm bf16; the statistics and the output are float32 (the gradient too)."""
+    from cdpdnet.networks.blocks import InstanceNorm3d
+
+    torch.manual_seed(0)
+    norm = InstanceNorm3d(4, affine=True)
+    x = (torch.randn(2, 4, 6, 8, 10) * 3 + 1).contiguous(memory_format=torch.channels_last_3d)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    out = norm(xb)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, norm(xb.detach().float()))  # normalised from the bf16 values, in float32
+    out.square().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+
+
 def test_preset_files_inherit_and_state_only_differences(tmp_path):
     import json
 
@@ -178,6 +193,26 @@ def test_head_hidden_adds_a_nonlinear_head_and_default_is_the_reference_head():
     assert y.shape == (2, 32, 16, 32, 32) and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="head_hidden must be a positive width"):
         NetworkConfig.from_dict(dict(base, head_hidden=0))
+
+
+def test_head_float32_keeps_the_head_out_of_bf16_autocast():
+    """``network.head_float32``: under bf16 autocast the head computes (and returns) float32 logits, the rest
+    stays bf16; without it the logits come out in bf16. Same parameters either way."""
+    base = dict(load_preset("tiny").network.to_dict(), head_hidden=16)
+    torch.manual_seed(0)
+    plain = CDPDNet(NetworkConfig.from_dict(base))
+    f32 = CDPDNet(NetworkConfig.from_dict(dict(base, head_float32=True)))
+    f32.load_state_dict(plain.state_dict())
+    plain.eval(), f32.eval()  # no drop path: the two must see the same network
+    x = torch.rand(2, 1, 16, 32, 32)
+    feats = [torch.rand(2, base["dino_dim"], 14, 2, 2) for _ in base["fusion_stages"]]
+    task = torch.tensor([0, 1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain, y_f32 = plain(x, feats, task), f32(x, feats, task)
+    assert y_plain.dtype == torch.bfloat16 and y_f32.dtype == torch.float32
+    torch.testing.assert_close(y_f32, y_plain.float(), atol=0.1, rtol=0.05)  # the same network, rounded differently
+    with torch.no_grad():
+        torch.testing.assert_close(f32(x, feats, task), plain(x, feats, task))  # no autocast: identical
 
 
 def test_decoder_kernels_reference_quirk_and_mirror():

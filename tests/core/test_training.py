@@ -48,6 +48,25 @@ def test_train_writes_model_log_and_resumable_checkpoint(phantoms, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_cpu_bf16_trains_under_autocast_where_the_cpu_has_bf16(phantoms, tmp_path):
+    """``train.cpu_bf16``: the step runs under bf16 autocast on a CPU with native bf16 (and in float32 on
+    one without, where the flag cannot help); the loss stays finite and the model, kept in float32, loads."""
+    import torch
+
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"], d["train"]["cpu_bf16"] = "tiny-bf16", True
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    tr = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run", device="cpu"))
+    assert tr.amp == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert not Trainer(dl.training, "tiny", _cfg(tmp_path / "plain", device="cpu")).amp
+    summary = tr.run()
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    loaded = model_from_checkpoint(summary["model"])
+    assert all(p.dtype == torch.float32 for p in loaded.model.net.parameters())
+
+
 def test_stop_flag_and_finetune_keep_tasks(phantoms, tmp_path):
     _, dl = phantoms
     first = Trainer(dl.training, "tiny", _cfg(tmp_path / "a", epochs=1, iterations_per_epoch=1)).run()
