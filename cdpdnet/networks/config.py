@@ -43,6 +43,7 @@ class NetworkConfig:
     head_hidden: int | None = None
     # True: the head (head_hidden and the class conv) runs in float32 outside autocast, so that bf16
     # training (train.cpu_bf16, CUDA) rounds neither the last features nor the 32 logits' gradients
+    # (the final head only: deep-supervision heads stay under autocast)
     head_float32: bool = False
     # nnU-Net's deep supervision (not in the reference): this many decoder outputs above the last one
     # (the next coarser scales) get their own 1x1x1 heads, supervised in training only (0: off)
