@@ -35,7 +35,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     stays float32, as autocast does for ``group_norm`` on CUDA: on the CPU, ``group_norm``'s backward in
     bf16 took 0.67 s of a 1.3 s ``lite-wide`` training step, against 0.18 s in float32
     (``docs/benchmarks.md``, "bf16 autocast on the CPU"). On CUDA too, so the activation between a norm
-    and the next convolution is float32 there (more memory than bf16; the paper preset fits either way).
+    and the next convolution is float32 there (more memory than bf16; not measured on a GPU).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
