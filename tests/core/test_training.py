@@ -53,12 +53,14 @@ def test_cpu_bf16_trains_under_autocast_where_the_cpu_has_bf16(phantoms, tmp_pat
     one without, where the flag cannot help); the loss stays finite and the model, kept in float32, loads."""
     import torch
 
+    from cdpdnet.device import use_bf16
+
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
     d["name"], d["train"]["cpu_bf16"] = "tiny-bf16", True
     (tmp_path / "p.json").write_text(json.dumps(d))
     tr = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run", device="cpu"))
-    assert tr.amp == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert tr.amp == use_bf16(torch.device("cpu"), True)  # the project's one probe of the CPU's bf16
     assert not Trainer(dl.training, "tiny", _cfg(tmp_path / "plain", device="cpu")).amp
     summary = tr.run()
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
