@@ -183,16 +183,24 @@ def test_preset_to_dict_is_a_copy():
 
 
 def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
-    """``bench/presets/lite-wide-v6.json`` is ``lite-wide`` before the colon tumour's pair weight 2,
-    ``lite-wide-v5.json`` before the hepatic vessel tumour's pair weight (every ROI at weight 1) and
+    """``bench/presets/lite-wide-v7.json`` is ``lite-wide`` before bf16 training with the head in float32,
+    ``lite-wide-v6.json`` v7 before the colon tumour's pair weight 2, ``lite-wide-v5.json`` before the hepatic vessel tumour's pair weight (every ROI at weight 1) and
     ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured against each keep what
     they were measured with."""
-    now, v6, v5, v4 = (load_preset("lite-wide"), _bench("lite-wide-v6"), _bench("lite-wide-v5"),
-                       _bench("lite-wide-v4"))
-    assert now.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3, "colon_tumor": 2}
+    now, v7, v6, v5, v4 = (load_preset("lite-wide"), _bench("lite-wide-v7"), _bench("lite-wide-v6"),
+                           _bench("lite-wide-v5"), _bench("lite-wide-v4"))
+    bf16 = (("network", "head_float32"), ("train", "cpu_bf16"))
+    assert (now.network.head_float32, now.train["cpu_bf16"]) == (True, True)
+    assert (v7.network.head_float32, v7.train["cpu_bf16"]) == (False, False)
+    assert _without(now, *bf16) == _without(v7, *bf16)
+    assert _without(_bench("lite-wide-bf16h")) == _without(now)  # the experiment that was adopted
+    assert _without(_bench("lite-wide-bf16"), ("train", "cpu_bf16")) == _without(v7, ("train", "cpu_bf16"))
+    for stem in ("lite-wide-v6", "lite-wide-bs1", "lite-wide-bs3", "lite-wide-ctw2"):
+        assert not _bench(stem).train["cpu_bf16"] and not _bench(stem).network.head_float32, stem
+    assert v7.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3, "colon_tumor": 2}
     assert v6.train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3}
     assert not v5.train["roi_loss_weights"]
-    for a, b in ((now, v6), (v6, v5)):
+    for a, b in ((v7, v6), (v6, v5)):
         assert _without(a, ("train", "roi_loss_weights")) == _without(b, ("train", "roi_loss_weights"))
     assert (v5.network.head_hidden, v4.network.head_hidden) == (64, 32)
     assert _without(v5, ("network", "head_hidden")) == _without(v4, ("network", "head_hidden"))
@@ -201,7 +209,7 @@ def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
     for stem in ("lite-wide-hh64", "lite-wide-hh128"):
         assert not _bench(stem).train.get("roi_loss_weights"), stem
     assert _bench("lite-wide-hvtw3").train == v6.train
-    assert _bench("lite-wide-ctw2").train == now.train  # the experiment that was adopted
+    assert _bench("lite-wide-ctw2").train == v7.train  # the experiment that was adopted then
     assert _bench("lite-wide-ctw3").train["roi_loss_weights"] == {"hepatic_vessel_tumor": 3, "colon_tumor": 3}
 
 
