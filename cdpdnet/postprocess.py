@@ -34,7 +34,8 @@ rule                ROIs                                                       s
 ``lesion_in_host``  28 pancreas tumour (pancreas, 1), 29 hepatic vessel        ours
                     tumour (liver, 1), 30 lung tumour (lungs, 2),
                     32 kidney cyst (kidneys, 2)
-``none``            15 hepatic vessel (and any ROI missing from the table)     reference
+``all_near``        15 hepatic vessel: every CC within 10 mm of the liver       ours (****)
+``none``            any ROI missing from the table (the reference: 15 too)     reference
 ==================  =========================================================  ===========
 
 After the rules, a lesion component lying mostly in organs the lesion may not overlap, and more
@@ -72,6 +73,13 @@ comes near it.
 models of the phantom benchmark an adrenal channel also fired on the urinary bladder, which only
 another source labels; the bladder is the larger component, so ``largest_cc`` scored the gland 0
 (docs/benchmarks.md).
+
+(****) The hepatic vessels (MSD Task08's label: the vessels inside the liver) keep every component
+that comes within 10 mm of the (largest component of the) raw liver mask and lose the others; a
+vessel tree falls apart into many components at a coarse grid, so the rule keeps all of them, not
+the largest. Unchanged when the liver is not requested or predicted empty. Added because models of
+the phantom benchmark fired the vessel channel on the right femoral head (169 of 888 predicted
+voxels on one held-out phantom; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -120,7 +128,7 @@ DEFAULT_RULES: dict[int, Rule] = {
     **{i: Rule("largest_cc", {"below": 6}, source="ours") for i in _PELVIS},
     7: Rule("largest_cc", {"above": 6}, source="ours"),
     10: Rule("cut_below", {"ref": 11}),
-    15: Rule("none"),
+    15: Rule("all_near", {"near": 6, "margin_mm": 10.0}, source="ours"),
     4: Rule("largest_near", {"near": 6, "margin_mm": 10.0}, source="ours"),
     12: Rule("largest_near", {"near": 2, "margin_mm": 40.0}, source="ours"),
     13: Rule("largest_near", {"near": 3, "margin_mm": 40.0}, source="ours"),
@@ -140,9 +148,9 @@ DEFAULT_RULES: dict[int, Rule] = {
 REFERENCE_RULES: dict[int, Rule] = {
     **DEFAULT_RULES,
     **{i: Rule("largest_cc") for i in (4, 7, 12, 13, 20, 21, 22, 23, 24)},
-    **{i: Rule("none") for i in (28, 29, 30, 32)},
+    **{i: Rule("none") for i in (15, 28, 29, 30, 32)},
 }
-"""Only the reference's rules (28, 29, 30, 32 left unprocessed; 4, 7, 12, 13, 20-24 plain largest component), bugs fixed."""
+"""Only the reference's rules (15, 28, 29, 30, 32 left unprocessed; 4, 7, 12, 13, 20-24 plain largest component), bugs fixed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,23 +306,41 @@ def _rule_largest_cc(roi, masks, done, ctx, k: int = 1, below: int | None = None
     return {roi: top_k_components(_level_filter(masks[roi], masks, done, ctx, below, above), k, ctx.weights(roi))}
 
 
-def _rule_largest_near(roi, masks, done, ctx, near: int, margin_mm: float = 10.0):
+def _components_near(roi, masks, ctx, near: int, margin_mm: float):
+    """The components of ``masks[roi]`` that come within ``margin_mm`` of the largest component of the
+    raw ``masks[near]``: ``(box, labels, counts, touching labels)``, or ``None`` when ``roi`` is empty,
+    ``near`` is not requested or predicted empty."""
     mask = _as_bool(masks[roi])
-    out = np.zeros(mask.shape, bool)
     box = _bbox(mask)
     if box is None or near not in masks:
-        return _rule_largest_cc(roi, masks, done, ctx)
+        return None
     host = top_k_components(masks[near], 1)
     if not host.any():
-        return _rule_largest_cc(roi, masks, done, ctx)
+        return None
     zone = _grow_host(host, (0,) * host.ndim, _radius_vox(margin_mm, ctx.spacing))[box]
     labels, counts, _ = _components(mask[box])
-    touching = np.unique(labels[zone & (labels > 0)])
-    if touching.size == 0:
+    return box, labels, counts, np.unique(labels[zone & (labels > 0)])
+
+
+def _rule_largest_near(roi, masks, done, ctx, near: int, margin_mm: float = 10.0):
+    found = _components_near(roi, masks, ctx, near, margin_mm)
+    if found is None or found[3].size == 0:
         return _rule_largest_cc(roi, masks, done, ctx)
+    box, labels, counts, touching = found
     w = ctx.weights(roi)
     size = _component_weights(labels, counts, None if w is None else np.asarray(w)[box])
+    out = np.zeros(np.shape(masks[roi]), bool)
     out[box] = labels == int(touching[np.argmax(size[touching])])
+    return {roi: out}
+
+
+def _rule_all_near(roi, masks, done, ctx, near: int, margin_mm: float = 10.0):
+    found = _components_near(roi, masks, ctx, near, margin_mm)
+    if found is None:
+        return _rule_none(roi, masks, done, ctx)
+    box, labels, _, touching = found
+    out = np.zeros(np.shape(masks[roi]), bool)
+    out[box] = np.isin(labels, touching)
     return {roi: out}
 
 
@@ -380,6 +406,7 @@ _RULE_FUNCS: dict[str, tuple[int, Callable[..., dict[int, np.ndarray]]]] = {
     # kind: (stage, function); a later stage sees the outputs of the earlier ones
     "none": (0, _rule_none),
     "largest_cc": (0, _rule_largest_cc),
+    "all_near": (0, _rule_all_near),
     "pair_by_side": (0, _rule_pair_by_side),
     "largest_near": (0, _rule_largest_near),
     "lesion_in_host": (0, _rule_lesion_in_host),

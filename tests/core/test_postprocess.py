@@ -124,6 +124,24 @@ def test_gallbladder_keeps_the_component_next_to_the_liver():
     np.testing.assert_array_equal(postprocess_masks({6: liver, 4: gallbladder | bladder})[4], bladder.astype(bool))
 
 
+def test_hepatic_vessels_keep_every_component_near_the_liver():
+    """The vessel channel's components inside or within 10 mm of the liver stay, all of them (a vessel
+    tree falls apart at a coarse grid); one far from it (a femoral head) goes; without a liver (not
+    requested or predicted empty) the vessels stay as predicted, as the reference leaves them."""
+    liver = box((2, 2, 8), (12, 12, 16))
+    inside = box((4, 4, 10), (6, 6, 14)) | box((8, 8, 10), (10, 10, 12))  # two vessel pieces in the liver
+    beside = box((12, 5, 9), (13, 7, 11))  # touches the liver's border: 0 mm away
+    far = box((16, 14, 0), (20, 18, 3))  # 5 voxels (30 mm at 6 mm) from the liver, and larger than each piece
+    out = postprocess_masks({6: liver, 15: inside | beside | far}, spacing=(6.0, 6.0, 6.0))
+    np.testing.assert_array_equal(out[15], (inside | beside).astype(bool))
+    for masks in ({15: inside | far}, {6: np.zeros(SHAPE, np.uint8), 15: inside | far}):
+        np.testing.assert_array_equal(postprocess_masks(masks, spacing=(6.0, 6.0, 6.0))[15], (inside | far).astype(bool))
+    # nothing near a predicted liver: no vessels; the margin is in millimetres (1 mm voxels: 5 mm away)
+    assert not postprocess_masks({6: liver, 15: far}, spacing=(6.0, 6.0, 6.0))[15].any()
+    np.testing.assert_array_equal(postprocess_masks({6: liver, 15: far}, spacing=(1.0, 1.0, 1.0))[15], far.astype(bool))
+    assert REFERENCE_RULES[15].kind == "none"
+
+
 def test_adrenal_glands_keep_the_component_next_to_their_kidney():
     """An adrenal channel that also fires on the (larger) urinary bladder, far below, keeps the gland
     within 40 mm of the kidney of its side, not the bladder; the reference's rule keeps the bladder."""
@@ -170,6 +188,7 @@ def test_inference_requests_the_liver_for_the_gallbladder_and_both_femur_heads()
     from cdpdnet.inference import required_channels
 
     assert required_channels([4]) == [4, 6]
+    assert required_channels([15]) == [6, 15]
     assert required_channels([23]) == [6, 23, 24]
     assert required_channels([21]) == [6, 21] and required_channels([7]) == [6, 7]
     assert required_channels([12]) == [2, 12, 13] and required_channels([13]) == [3, 12, 13]
