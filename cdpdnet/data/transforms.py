@@ -234,11 +234,15 @@ class UniformSourceDataset(torch.utils.data.Dataset):
     the number of samples (one reference "epoch"). ``transform`` gets ``sample.to_dict()``; without
     it the dict is returned. The epoch lives in shared memory, so :meth:`set_epoch` also reaches
     persistent DataLoader workers (batches they prefetched before the call keep the old epoch).
+
+    ``source_weights`` (``{source: weight > 0}``, the others 1; not in the reference) draws item ``i``'s
+    source at random in proportion to the weights instead, from the same ``(seed, epoch, i)`` generator,
+    so that a source whose ROIs are learned last can be sampled more often.
     """
 
     def __init__(self, samples: Sequence[PartialSample] | Mapping[str, Sequence[PartialSample]],
                  transform: Callable[[dict], Any] | None = None, length: int | None = None, seed: int = 0,
-                 sources: Sequence[str] | None = None) -> None:
+                 sources: Sequence[str] | None = None, source_weights: Mapping[str, float] | None = None) -> None:
         groups = dict(samples) if isinstance(samples, Mapping) else split_by_source(samples)
         if sources is not None:
             missing = [s for s in sources if s not in groups or not groups[s]]
@@ -249,6 +253,16 @@ class UniformSourceDataset(torch.utils.data.Dataset):
         if not self.groups:
             raise ValueError("UniformSourceDataset needs at least one sample")
         self.source_names = list(self.groups)
+        self.source_p = None
+        if source_weights:
+            unknown = sorted(set(source_weights) - set(self.source_names))
+            if unknown:
+                raise ValueError(f"source_weights names sources without samples: {unknown}; "
+                                 f"the sources are {self.source_names}")
+            w = np.array([float(source_weights.get(s, 1.0)) for s in self.source_names])
+            if not (np.isfinite(w).all() and (w > 0).all()):
+                raise ValueError(f"source_weights must be finite numbers > 0, got {dict(source_weights)}")
+            self.source_p = w / w.sum()
         self.transform = transform
         self.length = int(length) if length is not None else sum(len(v) for v in self.groups.values())
         self.seed = int(seed)
@@ -268,9 +282,12 @@ class UniformSourceDataset(torch.utils.data.Dataset):
         """The sample that item ``index`` of the current epoch uses."""
         if not 0 <= index < self.length:
             raise IndexError(index)
-        src = self.source_names[index % len(self.source_names)]
-        cases = self.groups[src]
         rng = np.random.default_rng((self.seed, self.epoch, index))
+        if self.source_p is None:
+            src = self.source_names[index % len(self.source_names)]
+        else:
+            src = self.source_names[int(rng.choice(len(self.source_names), p=self.source_p))]
+        cases = self.groups[src]
         return cases[int(rng.integers(len(cases)))]
 
     def __getitem__(self, index: int) -> Any:

@@ -592,3 +592,17 @@ def test_uniform_source_dataset_visits_each_source_equally():
     assert len({d["image"] for d in items if d["source"] == "C"}) > 3
     ds2 = UniformSourceDataset(samples, transform=lambda d: d["source"])
     assert len(ds2) == 30 and ds2[1] == "B"
+
+
+def test_source_weights_draw_a_source_in_proportion_and_refuse_unknown_sources():
+    samples = ([PartialSample(f"a{i}", None, (1,), "A") for i in range(3)]
+               + [PartialSample(f"b{i}", None, (6,), "B") for i in range(3)]
+               + [PartialSample(f"c{i}", None, (2, 3), "C") for i in range(3)])
+    ds = UniformSourceDataset(samples, length=4000, seed=3, source_weights={"C": 2})
+    counts = Counter(ds.pick(i).source for i in range(len(ds)))
+    assert abs(counts["C"] / 4000 - 0.5) < 0.03 and abs(counts["A"] / 4000 - 0.25) < 0.03
+    assert [ds.pick(i).image for i in range(50)] == [ds.pick(i).image for i in range(50)]  # reproducible
+    with pytest.raises(ValueError, match=r"sources without samples: \['D'\]"):
+        UniformSourceDataset(samples, source_weights={"D": 2})
+    with pytest.raises(ValueError, match="> 0"):
+        UniformSourceDataset(samples, source_weights={"A": 0})
