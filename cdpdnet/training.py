@@ -466,11 +466,9 @@ class Trainer:
             x["task_id"] = index.get(d["source"], -1)
             return crops(x)
 
-        weights = self.preset.train.get("source_weights") or None
-        if weights is not None and not isinstance(weights, dict):
-            raise ValueError(f"train.source_weights must be a mapping {{source name: weight > 0}}, got {weights!r}")
         return UniformSourceDataset(self.samples, transform, length=self.iters * self.batch_size,
-                                    seed=self.cfg.seed + 7919 * self.dist.rank, source_weights=weights)
+                                    seed=self.cfg.seed + 7919 * self.dist.rank,
+                                    source_weights=self.preset.train.get("source_weights") or None)
 
     def _payload(self, epoch: int, with_optimizer: bool, metrics: dict) -> dict:
         text = {k: v for k, v in self.text.items() if not torch.is_tensor(v)}

@@ -255,13 +255,16 @@ class UniformSourceDataset(torch.utils.data.Dataset):
         self.source_names = list(self.groups)
         self.source_p = None
         if source_weights:
+            if not isinstance(source_weights, Mapping):
+                raise ValueError(f"source_weights must be a mapping {{source name: weight > 0}}, got {source_weights!r}")
             unknown = sorted(set(source_weights) - set(self.source_names))
             if unknown:
                 raise ValueError(f"source_weights names sources without samples: {unknown}; "
                                  f"the sources are {self.source_names}")
+            for name, v in source_weights.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (np.isfinite(v) and v > 0):
+                    raise ValueError(f"source_weights[{name!r}] must be a number > 0, got {v!r}")
             w = np.array([float(source_weights.get(s, 1.0)) for s in self.source_names])
-            if not (np.isfinite(w).all() and (w > 0).all()):
-                raise ValueError(f"source_weights must be finite numbers > 0, got {dict(source_weights)}")
             self.source_p = w / w.sum()
         self.transform = transform
         self.length = int(length) if length is not None else sum(len(v) for v in self.groups.values())

@@ -604,5 +604,8 @@ def test_source_weights_draw_a_source_in_proportion_and_refuse_unknown_sources()
     assert [ds.pick(i).image for i in range(50)] == [ds.pick(i).image for i in range(50)]  # reproducible
     with pytest.raises(ValueError, match=r"sources without samples: \['D'\]"):
         UniformSourceDataset(samples, source_weights={"D": 2})
-    with pytest.raises(ValueError, match="> 0"):
-        UniformSourceDataset(samples, source_weights={"A": 0})
+    for bad in (0, -1, float("nan"), "2", True):
+        with pytest.raises(ValueError, match=r"source_weights\['A'\] must be a number > 0"):
+            UniformSourceDataset(samples, source_weights={"A": bad})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        UniformSourceDataset(samples, source_weights=[("A", 2)])

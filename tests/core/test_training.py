@@ -468,3 +468,22 @@ def test_affine_and_contrast_augmentation_keep_labels_and_shapes():
     assert abs(int((lab == 6).sum()) - 512) < 512 * 0.8 and not np.array_equal(lab == 6, np.asarray(_cube_crop()["label"])[0] == 6)
     inside = img[lab == 6]
     assert inside.size and 0.7 - 1e-6 <= np.median(inside) <= 1.3 + 1e-6 and np.median(inside) != 1.0
+
+
+def test_train_source_weights_reach_the_sampler_and_a_wrong_source_is_named(phantoms, tmp_path):
+    """``train.source_weights`` (off in every preset) draws a weighted source's crops more often; a
+    source the data does not have stops the run before its first step, naming the sources there are."""
+    from collections import Counter
+
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"], d["train"]["source_weights"] = "tiny-sw", {"phantom_liver": 4}
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    ds = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run", iterations_per_epoch=500))._dataset()
+    counts = Counter(ds.pick(i).source for i in range(len(ds)))
+    assert counts.most_common(1)[0][0] == "phantom_liver" and counts["phantom_liver"] > 2.5 * counts["phantom_btcv"]
+    d["train"]["source_weights"] = {"phantom_lung": 2}
+    (tmp_path / "q.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"sources without samples: \['phantom_lung'\]; the sources are \['phantom_btcv'"):
+        Trainer(dl.training, str(tmp_path / "q.json"), _cfg(tmp_path / "bad")).run()
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
