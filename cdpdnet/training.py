@@ -35,6 +35,7 @@ from monai.transforms import (
     RandCropByLabelClassesd,
     RandAffined,
     RandCropByPosNegLabeld,
+    RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -54,6 +55,7 @@ from .taxonomy import NUM_CLASSES, ROIS, may_overlap, roi
 __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr", "loss_from_preset", "exclusion_matrix"]
 
 LESIONS = np.array([0] + [1 if r.is_lesion else 0 for r in ROIS], dtype=np.uint8)
+LESION_CHANNELS = LESIONS[1:]  # the same, by channel
 
 
 def exclusion_matrix() -> torch.Tensor:
@@ -252,6 +254,22 @@ class _CaseCache:
         return out
 
 
+def lesion_mirror_axis(preset: Preset) -> int:
+    """The spatial axis that ``train.lesion_mirror_prob`` mirrors: left-right in the preset's orientation.
+
+    Not in the reference. With probability ``lesion_mirror_prob`` a crop of a case that annotates a
+    lesion is mirrored left-right and keeps only its lesion ROIs annotated: a mirrored torso has its
+    liver on the wrong side, so no organ channel may learn from it, while a tumour or cyst is what it is
+    on either side. Without it, a lesion channel can learn the side of the body it has mostly seen: on
+    the CPU benchmark one seed's lung-tumour channel fired on nodules in the left lung only, and on the
+    same volumes mirrored, on the right-lung nodules only (docs/benchmarks.md)."""
+    axcodes = str(preset.preprocess.get("orientation", "RAS")).upper()
+    for axis, code in enumerate(axcodes):
+        if code in "LR":
+            return axis
+    raise ValueError(f"preprocess.orientation={axcodes!r} has no left-right axis (L or R) for train.lesion_mirror_prob")
+
+
 def crop_policy(preset: Preset) -> str:
     """``train.crop`` of a preset: ``"posneg"`` (the reference's pos/neg and lesion-class crops) or
     ``"classes"`` (class-balanced: each crop centred on a voxel of an annotated ROI drawn uniformly,
@@ -298,9 +316,13 @@ class _RandomCrops:
                                             prob=t.get("scale_intensity_prob", 0.0))
         self.shift = RandShiftIntensityd("image", offsets=t.get("shift_intensity", 0.1),
                                          prob=t.get("shift_intensity_prob", 0.2))
+        # lesion crops mirrored left-right, every non-lesion channel unknown there (see lesion_mirror_axis)
+        self.mirror = RandFlipd(keys, prob=_number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+                                spatial_axis=lesion_mirror_axis(preset))
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
-        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.shift):
+        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.mirror,
+                   self.contrast, self.shift):
             tr.set_random_state(seed)
 
     def augment(self, c: dict, source: str | None) -> dict:
@@ -326,6 +348,10 @@ class _RandomCrops:
         for c in crops:
             c = self.augment(self.pad({"image": c["image"], "label": c["label"]}), d.get("source"))
             c["annotated"] = d["annotated"]
+            if lesions and self.mirror.prob > 0:
+                c = self.mirror(c)
+                if self.mirror._do_transform:
+                    c["annotated"] = np.asarray(d["annotated"]) * LESION_CHANNELS
             c = self.to_channels(c)
             out.append({"image": torch.as_tensor(c["image"]).float(), "target": torch.as_tensor(np.asarray(c["target"])),
                         "annotated": torch.as_tensor(np.asarray(c["annotated"])), "task_id": d["task_id"]})
