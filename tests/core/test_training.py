@@ -470,6 +470,51 @@ def test_affine_and_contrast_augmentation_keep_labels_and_shapes():
     assert inside.size and 0.7 - 1e-6 <= np.median(inside) <= 1.3 + 1e-6 and np.median(inside) != 1.0
 
 
+def test_lesion_mirror_prob_mirrors_lesion_crops_and_keeps_only_their_lesions_annotated():
+    """``train.lesion_mirror_prob`` (off in every preset): a crop of a case that annotates a lesion is
+    mirrored left-right with that probability, and only its lesions stay annotated (a mirrored torso
+    must not teach an organ channel, its liver being on the wrong side); a case without a lesion is
+    never mirrored; a probability outside [0, 1] or an orientation without a left-right axis is refused."""
+    import numpy as np
+    import torch
+
+    from cdpdnet.data import annotated_vector
+    from cdpdnet.taxonomy import roi
+    from cdpdnet.training import _RandomCrops
+
+    liver, tumour, kidney = roi("liver").index, roi("liver_tumor").index, roi("kidney_right").index
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, 2:10, 4:20, 4:20] = liver  # one side of the left-right axis (0 in RAS)
+    label[0, 4:7, 8:11, 8:11] = tumour
+    case = {"image": label.float() / 30.0, "label": label, "task_id": 0,
+            "classes": torch.as_tensor(np.where(label > 0, 1 + (label == tumour), 0).astype(np.uint8))}
+
+    def crops(prob: float, annotated, n: int = 40, **pre):
+        preset = load_preset("tiny", {"patch_size": [24, 24, 24], "preprocess": pre, "train": {
+            "lesion_mirror_prob": prob, "shift_intensity_prob": 0.0}})
+        return _RandomCrops(preset, num_samples=n, seed=0)(dict(case, annotated=annotated_vector(annotated)))
+
+    def mirrored(c) -> bool:  # the whole volume is the crop: the liver is where it was or mirrored
+        organ = np.asarray(c["image"][0]) > 0.1
+        assert organ.sum() == 8 * 16 * 16
+        return bool(organ[14:22].any())
+
+    with_lesion = crops(0.5, [liver, tumour])
+    flags = [mirrored(c) for c in with_lesion]
+    assert 8 < sum(flags) < 32  # about half of 40
+    for c, m in zip(with_lesion, flags):
+        on = sorted(int(v) + 1 for v in np.flatnonzero(np.asarray(c["annotated"])))
+        assert on == ([tumour] if m else [liver, tumour])
+        t = np.asarray(c["target"][tumour - 1]).astype(bool)
+        assert t[17:20].any() == m and t[4:7].any() != m
+    assert not any(mirrored(c) for c in crops(1.0, [liver, kidney]))  # no lesion annotated: never mirrored
+    assert not any(mirrored(c) for c in crops(0.0, [liver, tumour]))  # off: as before
+    with pytest.raises(ValueError, match=r"train.lesion_mirror_prob must be a probability in \[0, 1\], got 1.5"):
+        crops(1.5, [liver, tumour])
+    with pytest.raises(ValueError, match="no left-right axis"):
+        crops(0.5, [liver, tumour], orientation="SPI")
+
+
 def test_train_source_weights_reach_the_sampler_and_a_wrong_source_is_named(phantoms, tmp_path):
     """``train.source_weights`` (off in every preset) draws a weighted source's crops more often; a
     source the data does not have stops the run before its first step, naming the sources there are."""
