@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--roi-thresholds", metavar="JSON",
                     help="with --rescore: a JSON file {ROI name: threshold} (e.g. from bench/choose_roi_thresholds.py) "
                          "instead of the checkpoint preset's infer.roi_thresholds")
+    ap.add_argument("--lesion-mirror", choices=("off", "mean", "max"),
+                    help="with --rescore: infer.lesion_mirror instead of the checkpoint preset's (a second, "
+                         "left-right-mirrored pass for the lesion channels)")
     ap.add_argument("--test-data", help="with --rescore: the test split of this dataset.json instead of --out's phantoms "
                                         "(e.g. fresh held-out phantoms: python -m cdpdnet phantoms DIR --per-source 0 "
                                         "--heldout 4 --seed 7)")
@@ -94,7 +97,7 @@ def main() -> None:
             raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
         meta = json.loads((out / "results.json").read_text())["meta"]
         dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
-        infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap,
+        infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap, "lesion_mirror": a.lesion_mirror,
                  "roi_thresholds": json.loads(Path(a.roi_thresholds).read_text()) if a.roi_thresholds else None}
         results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold, **infer) for loss in meta
                    if a.only is None or loss == a.only}
@@ -103,6 +106,7 @@ def main() -> None:
                + (f"-lt{a.lesion_threshold:g}" if a.lesion_threshold else "")
                + (f"-ov{a.overlap:g}" if a.overlap is not None else "")
                + (f"-rt{Path(a.roi_thresholds).stem}" if a.roi_thresholds else "")
+               + (f"-lm{a.lesion_mirror}" if a.lesion_mirror else "")
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, suffix=tag)  # the training run's own report stays
         return

@@ -26,7 +26,7 @@ from .device import memory_format, use_bf16
 from .factory import LoadedModel, model_from_checkpoint
 from .imageio import load_image, save_label_map, validate_image
 from .postprocess import DEFAULT_RULES, merge_order, postprocess_masks
-from .preprocessing import preprocess_transforms
+from .preprocessing import left_right_axis, preprocess_transforms
 from .taxonomy import NUM_CLASSES, ROIS, roi
 
 __all__ = ["Segmenter", "Segmentation", "required_channels"]
@@ -77,12 +77,19 @@ class Segmenter:
             the preset's ``infer.roi_thresholds`` (``{}`` turns it off). An ROI without an entry keeps
             ``lesion_threshold`` or ``threshold``.
         postprocess: apply the post-processing rules.
+        lesion_mirror: ``"mean"`` or ``"max"`` to run the network a second time on the volume mirrored
+            left-right and combine the lesion channels' probabilities of the two passes (their mean, or
+            the larger); ``"off"`` for one pass. Default the preset's ``infer.lesion_mirror``, else off.
+            A tumour or cyst is the same lesion on either side of the body, so a lesion channel that
+            learned one side better than the other (``train.lesion_mirror_prob``) is read both ways;
+            organ channels keep the single pass (a mirrored torso has its liver on the left). It doubles
+            the network time.
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str | torch.device = "cpu", overlap: float | None = None,
                  sw_batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
                  amp: bool | None = None, lesion_threshold: float | None = None,
-                 roi_thresholds: Mapping[str | int, float] | None = None):
+                 roi_thresholds: Mapping[str | int, float] | None = None, lesion_mirror: str | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else model_from_checkpoint(model, device)
         self.device = torch.device(device)
         self.loaded.model.to(self.device).eval()
@@ -103,6 +110,10 @@ class Segmenter:
                 raise ValueError(f"{name} must be in (0, 1), got {t}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        self.lesion_mirror = str(cfg.get("lesion_mirror") or "off") if lesion_mirror is None else lesion_mirror
+        if self.lesion_mirror not in ("off", "mean", "max"):
+            raise ValueError(f"lesion_mirror must be 'off', 'mean' or 'max', got {self.lesion_mirror!r}")
+        self.mirror_axis = left_right_axis(self.loaded.preset.preprocess.get("orientation", "RAS"))
         self.mode = cfg.get("mode", "gaussian")
         self.sigma_scale = float(cfg.get("sigma_scale", 0.125))
         self.do_postprocess = postprocess
@@ -131,18 +142,32 @@ class Segmenter:
                        roi_center: Sequence[int] | None = None) -> torch.Tensor:
         """Sliding-window logits ``[1, len(channels), *x.shape[2:]]`` (float32) for a pre-processed ``x``."""
         model = self.loaded.model
-        idx = torch.as_tensor([c - 1 for c in channels], device=self.device)
         tid = torch.tensor([task_id], device=self.device)
 
-        def predictor(patch: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = model(patch.contiguous(memory_format=self.layout), tid.expand(patch.shape[0]))
-            return out.index_select(1, idx).float()
+        def window(volume: torch.Tensor, wanted: Sequence[int]) -> torch.Tensor:  # logits of the channels wanted
+            idx = torch.as_tensor([c - 1 for c in wanted], device=self.device)
 
-        return sliding_window_inference(
-            x.to(self.device), tuple(self.preset.patch_size), self.sw_batch_size, predictor, overlap=self.overlap,
-            mode=self.mode, sigma_scale=self.sigma_scale, padding_mode="constant", cval=0.0,
-        )
+            def predictor(patch: torch.Tensor) -> torch.Tensor:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = model(patch.contiguous(memory_format=self.layout), tid.expand(patch.shape[0]))
+                return out.index_select(1, idx).float()
+
+            return sliding_window_inference(
+                volume.to(self.device), tuple(self.preset.patch_size), self.sw_batch_size, predictor,
+                overlap=self.overlap, mode=self.mode, sigma_scale=self.sigma_scale, padding_mode="constant", cval=0.0,
+            )
+
+        logits = window(x, channels)
+        lesions = [i for i, c in enumerate(channels) if ROIS[c - 1].is_lesion]
+        if self.lesion_mirror != "off" and lesions:
+            dim = 2 + self.mirror_axis
+            mirrored = window(torch.flip(x, [dim]), [channels[i] for i in lesions]).flip(dim)
+            here = logits[:, lesions]
+            if self.lesion_mirror == "max":
+                logits[:, lesions] = torch.maximum(here, mirrored)
+            else:  # the mean of the two probabilities, as a logit
+                logits[:, lesions] = torch.logit((torch.sigmoid(here) + torch.sigmoid(mirrored)) / 2, eps=1e-6)
+        return logits
 
     def segment(self, image, rois: Sequence[int | str] | None = None, task: str | int | None = None,
                 output: str | Path | None = None, affine: np.ndarray | None = None) -> Segmentation:

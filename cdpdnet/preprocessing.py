@@ -58,3 +58,14 @@ def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool |
         ts.append(CropForegroundd(all_keys, source_key=keys[0], select_fn=foreground, channel_indices=0,
                                   allow_smaller=True))
     return Compose(ts)
+
+
+def left_right_axis(orientation: str = "RAS") -> int:
+    """The spatial axis of an ``orientation`` (axis codes such as ``"RAS"``) that runs left-right: the
+    one that left-right mirroring (``train.lesion_mirror_prob``, ``infer.lesion_mirror``) flips."""
+    codes = str(orientation).upper()
+    for axis, code in enumerate(codes):
+        if code in "LR":
+            return axis
+    raise ValueError(f"orientation {codes!r} has no left-right axis (L or R)")
+

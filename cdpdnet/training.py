@@ -48,7 +48,7 @@ from .device import memory_format, use_bf16
 from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
 from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
-from .preprocessing import preprocess_transforms
+from .preprocessing import left_right_axis, preprocess_transforms
 from .preset import Preset, load_preset
 from .taxonomy import NUM_CLASSES, ROIS, may_overlap, roi
 
@@ -263,11 +263,10 @@ def lesion_mirror_axis(preset: Preset) -> int:
     on either side. Without it, a lesion channel can learn the side of the body it has mostly seen: on
     the CPU benchmark one seed's lung-tumour channel fired on nodules in the left lung only, and on the
     same volumes mirrored, on the right-lung nodules only (docs/benchmarks.md)."""
-    axcodes = str(preset.preprocess.get("orientation", "RAS")).upper()
-    for axis, code in enumerate(axcodes):
-        if code in "LR":
-            return axis
-    raise ValueError(f"preprocess.orientation={axcodes!r} has no left-right axis (L or R) for train.lesion_mirror_prob")
+    try:
+        return left_right_axis(preset.preprocess.get("orientation", "RAS"))
+    except ValueError as e:
+        raise ValueError(f"train.lesion_mirror_prob: preprocess.{e}") from None
 
 
 def crop_policy(preset: Preset) -> str:

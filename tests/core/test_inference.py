@@ -298,3 +298,27 @@ def test_cli_roi_threshold_sets_one_entry_over_the_presets_map(tiny_checkpoint, 
     assert present("--roi-threshold", "liver tumour=0.5") == {liver}  # a synonym replaces the entry
     assert present("--no-roi-thresholds") == {liver}  # lesion_threshold 0.4 again
     assert present("--no-roi-thresholds", "--roi-threshold", "liver_tumor=0.3") == {liver, tumour}
+
+
+def test_lesion_mirror_reads_the_lesion_channels_on_the_mirrored_volume_too(tiny_checkpoint):
+    """``lesion_mirror`` (argument, else the preset's ``infer.lesion_mirror``; off by default): a second
+    pass on the volume mirrored left-right, flipped back, combined with the first for the lesion
+    channels only (the mean probability, or the larger); organ channels keep the single pass."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 24, 20, 16)
+    liver, tumour, cyst = roi_index("liver"), roi_index("liver_tumor"), roi_index("kidney_cyst")
+    chans = [liver, tumour, cyst]
+    one = Segmenter(tiny_checkpoint)
+    assert one.lesion_mirror == "off"
+    plain = one.predict_logits(x, chans)
+    mirrored = one.predict_logits(torch.flip(x, [2]), chans).flip(2)  # RAS: axis 0 runs left-right
+    assert not torch.allclose(plain, mirrored)  # a random tiny network is not mirror-symmetric
+    mean = Segmenter(tiny_checkpoint, lesion_mirror="mean").predict_logits(x, chans)
+    top = Segmenter(tiny_checkpoint, lesion_mirror="max").predict_logits(x, chans)
+    for both in (mean, top):
+        assert torch.equal(both[:, 0], plain[:, 0])  # the liver: one pass
+    p = (torch.sigmoid(plain[:, 1:]) + torch.sigmoid(mirrored[:, 1:])) / 2
+    assert torch.allclose(torch.sigmoid(mean[:, 1:]), p, atol=1e-5)
+    assert torch.allclose(top[:, 1:], torch.maximum(plain[:, 1:], mirrored[:, 1:]))
+    with pytest.raises(ValueError, match="lesion_mirror must be 'off', 'mean' or 'max', got 'both'"):
+        Segmenter(tiny_checkpoint, lesion_mirror="both")
