@@ -83,7 +83,8 @@ class Segmenter:
             A tumour or cyst is the same lesion on either side of the body, so a lesion channel that
             learned one side better than the other (``train.lesion_mirror_prob``) is read both ways;
             organ channels keep the single pass (a mirrored torso has its liver on the left). It doubles
-            the network time.
+            the network time, and on the CPU benchmark it did not pay (off in every preset; measured in
+            docs/benchmarks.md, "The lung tumour learned on one side only").
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str | torch.device = "cpu", overlap: float | None = None,

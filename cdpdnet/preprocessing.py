@@ -68,4 +68,3 @@ def left_right_axis(orientation: str = "RAS") -> int:
         if code in "LR":
             return axis
     raise ValueError(f"orientation {codes!r} has no left-right axis (L or R)")
-
