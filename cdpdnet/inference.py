@@ -114,7 +114,8 @@ class Segmenter:
         self.lesion_mirror = str(cfg.get("lesion_mirror") or "off") if lesion_mirror is None else lesion_mirror
         if self.lesion_mirror not in ("off", "mean", "max"):
             raise ValueError(f"lesion_mirror must be 'off', 'mean' or 'max', got {self.lesion_mirror!r}")
-        self.mirror_axis = left_right_axis(self.loaded.preset.preprocess.get("orientation", "RAS"))
+        self.mirror_axis = (left_right_axis(self.loaded.preset.preprocess.get("orientation", "RAS"))
+                            if self.lesion_mirror != "off" else None)
         self.mode = cfg.get("mode", "gaussian")
         self.sigma_scale = float(cfg.get("sigma_scale", 0.125))
         self.do_postprocess = postprocess

@@ -316,8 +316,8 @@ class _RandomCrops:
         self.shift = RandShiftIntensityd("image", offsets=t.get("shift_intensity", 0.1),
                                          prob=t.get("shift_intensity_prob", 0.2))
         # lesion crops mirrored left-right, every non-lesion channel unknown there (see lesion_mirror_axis)
-        self.mirror = RandFlipd(keys, prob=_number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-                                spatial_axis=lesion_mirror_axis(preset))
+        mirror = _number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+        self.mirror = RandFlipd(keys, prob=mirror, spatial_axis=lesion_mirror_axis(preset) if mirror > 0 else None)
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
         for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.mirror,
