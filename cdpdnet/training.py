@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from monai.transforms import (
     ClassesToIndicesd,
+    Flipd,
     LoadImaged,
     EnsureChannelFirstd,
     RandCropByLabelClassesd,
     RandAffined,
     RandCropByPosNegLabeld,
-    RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -91,7 +91,7 @@ def _channels(t: dict, key: str) -> torch.Tensor | None:
     v = t.get(key, "all")
     if v not in ("all", "lesions"):
         raise ValueError(f"train.{key} must be 'all' or 'lesions', got {v!r}")
-    return torch.as_tensor(LESIONS[1:] > 0) if v == "lesions" else None
+    return torch.as_tensor(LESION_CHANNELS > 0) if v == "lesions" else None
 
 
 def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
@@ -110,7 +110,7 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
                                                  "a number in [0, 1) (0 = plain BCE)")
     if t.get("bce_pos_fraction_lesions") is not None:
         lesions = _number(t, "bce_pos_fraction_lesions", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
-        pos_fraction = torch.where(torch.as_tensor(LESIONS[1:] > 0), lesions, pos_fraction)
+        pos_fraction = torch.where(torch.as_tensor(LESION_CHANNELS > 0), lesions, pos_fraction)
     pos_channels = _channels(t, "bce_pos_on")
     per_roi = _roi_numbers(t, "bce_pos_fraction_rois", lambda v: 0 <= v < 1, "a number in [0, 1)")
     if per_roi:
@@ -316,12 +316,12 @@ class _RandomCrops:
         self.shift = RandShiftIntensityd("image", offsets=t.get("shift_intensity", 0.1),
                                          prob=t.get("shift_intensity_prob", 0.2))
         # lesion crops mirrored left-right, every non-lesion channel unknown there (see lesion_mirror_axis)
-        mirror = _number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-        self.mirror = RandFlipd(keys, prob=mirror, spatial_axis=lesion_mirror_axis(preset) if mirror > 0 else None)
+        self.mirror_prob = _number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+        self.mirror = Flipd(keys, spatial_axis=lesion_mirror_axis(preset)) if self.mirror_prob > 0 else None
+        self.mirror_rng = np.random.RandomState(seed)
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
-        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.mirror,
-                   self.contrast, self.shift):
+        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.shift):
             tr.set_random_state(seed)
 
     def augment(self, c: dict, source: str | None) -> dict:
@@ -347,10 +347,9 @@ class _RandomCrops:
         for c in crops:
             c = self.augment(self.pad({"image": c["image"], "label": c["label"]}), d.get("source"))
             c["annotated"] = d["annotated"]
-            if lesions and self.mirror.prob > 0:
+            if lesions and self.mirror is not None and self.mirror_rng.rand() < self.mirror_prob:
                 c = self.mirror(c)
-                if self.mirror._do_transform:
-                    c["annotated"] = np.asarray(d["annotated"]) * LESION_CHANNELS
+                c["annotated"] = np.asarray(d["annotated"]) * LESION_CHANNELS
             c = self.to_channels(c)
             out.append({"image": torch.as_tensor(c["image"]).float(), "target": torch.as_tensor(np.asarray(c["target"])),
                         "annotated": torch.as_tensor(np.asarray(c["annotated"])), "task_id": d["task_id"]})
