@@ -33,6 +33,7 @@ from monai.transforms import (
     Flipd,
     LoadImaged,
     EnsureChannelFirstd,
+    MapLabelValued,
     RandCropByLabelClassesd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -56,6 +57,8 @@ __all__ = ["TrainConfig", "Trainer", "train", "warmup_cosine_lr", "loss_from_pre
 
 LESIONS = np.array([0] + [1 if r.is_lesion else 0 for r in ROIS], dtype=np.uint8)
 LESION_CHANNELS = LESIONS[1:]  # the same, by channel
+# channel -> the channel of its left/right partner (itself where it has none): a mirrored crop's labels
+SIDE_SWAP = np.array([roi(r.pair).index - 1 if r.pair else r.index - 1 for r in ROIS], dtype=np.int64)
 
 
 def exclusion_matrix() -> torch.Tensor:
@@ -262,7 +265,12 @@ def lesion_mirror_axis(preset: Preset) -> int:
     liver on the wrong side, so no organ channel may learn from it, while a tumour or cyst is what it is
     on either side. Without it, a lesion channel can learn the side of the body it has mostly seen: on
     the CPU benchmark one seed's lung-tumour channel fired on nodules in the left lung only, and on the
-    same volumes mirrored, on the right-lung nodules only (docs/benchmarks.md)."""
+    same volumes mirrored, on the right-lung nodules only (docs/benchmarks.md).
+
+    ``train.lesion_mirror_labels`` says what a mirrored crop keeps annotated: ``"lesions"`` (the
+    default, as above) or ``"swap_sides"``, every ROI the case annotates, with each left/right pair's
+    labels swapped, so that the mirrored crop is a correctly labelled body with its organs on the other
+    side (a right kidney is the kidney on the patient's right, whichever side the liver is on)."""
     try:
         return left_right_axis(preset.preprocess.get("orientation", "RAS"))
     except ValueError as e:
@@ -319,6 +327,11 @@ class _RandomCrops:
         self.mirror_prob = _number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
         self.mirror = Flipd(keys, spatial_axis=lesion_mirror_axis(preset)) if self.mirror_prob > 0 else None
         self.mirror_rng = np.random.RandomState(seed)
+        self.mirror_labels = t.get("lesion_mirror_labels", "lesions")
+        if self.mirror_labels not in ("lesions", "swap_sides"):
+            raise ValueError(f"train.lesion_mirror_labels must be 'lesions' or 'swap_sides', got {self.mirror_labels!r}")
+        swapped = np.flatnonzero(SIDE_SWAP != np.arange(NUM_CLASSES))
+        self.swap_sides = MapLabelValued("label", orig_labels=(swapped + 1).tolist(), target_labels=(SIDE_SWAP[swapped] + 1).tolist())
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
         for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.shift):
@@ -349,7 +362,11 @@ class _RandomCrops:
             c["annotated"] = d["annotated"]
             if lesions and self.mirror is not None and self.mirror_rng.rand() < self.mirror_prob:
                 c = self.mirror(c)
-                c["annotated"] = np.asarray(d["annotated"]) * LESION_CHANNELS
+                if self.mirror_labels == "lesions":
+                    c["annotated"] = np.asarray(d["annotated"]) * LESION_CHANNELS
+                else:  # the partner of each side takes its label and its annotated flag
+                    c = self.swap_sides(c)
+                    c["annotated"] = np.asarray(d["annotated"])[SIDE_SWAP]
             c = self.to_channels(c)
             out.append({"image": torch.as_tensor(c["image"]).float(), "target": torch.as_tensor(np.asarray(c["target"])),
                         "annotated": torch.as_tensor(np.asarray(c["annotated"])), "task_id": d["task_id"]})

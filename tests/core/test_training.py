@@ -515,6 +515,51 @@ def test_lesion_mirror_prob_mirrors_lesion_crops_and_keeps_only_their_lesions_an
         crops(0.5, [liver, tumour], orientation="SPI")
 
 
+def test_lesion_mirror_labels_swap_sides_keeps_every_roi_annotated_with_left_and_right_swapped():
+    """``train.lesion_mirror_labels: "swap_sides"``: a mirrored crop keeps every ROI its case annotates,
+    and each left/right pair swaps labels and annotated flags (the kidney now on the patient's right is
+    the right kidney); the liver and its tumour keep theirs, on the other side; an unmirrored crop is as
+    it was; an unknown mode is refused by name."""
+    import numpy as np
+    import torch
+
+    from cdpdnet.data import annotated_vector
+    from cdpdnet.taxonomy import roi
+    from cdpdnet.training import _RandomCrops
+
+    liver, tumour = roi("liver").index, roi("liver_tumor").index
+    k_right, k_left, lung_left = roi("kidney_right").index, roi("kidney_left").index, roi("lung_left").index
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, 2:10, 4:20, 4:20] = liver  # low index on axis 0: the patient's right in RAS
+    label[0, 4:7, 8:11, 8:11] = tumour
+    label[0, 3:8, 20:23, 2:6] = k_right
+    label[0, 16:21, 20:23, 2:6] = k_left
+    case = {"image": (label == liver).float(), "label": label, "task_id": 0,
+            "classes": torch.as_tensor(np.where(label > 0, 1 + (label == tumour), 0).astype(np.uint8))}
+    annotated = annotated_vector([liver, tumour, k_right, k_left])
+
+    def crops(**train):
+        preset = load_preset("tiny", {"patch_size": [24, 24, 24], "train": dict(
+            {"lesion_mirror_prob": 0.5, "shift_intensity_prob": 0.0}, **train)})
+        return _RandomCrops(preset, num_samples=40, seed=0)(dict(case, annotated=annotated))
+
+    out = crops(lesion_mirror_labels="swap_sides")
+    flags = [bool(np.asarray(c["image"][0])[14:22].any()) for c in out]
+    assert 8 < sum(flags) < 32
+    for c, m in zip(out, flags):
+        on = sorted(int(v) + 1 for v in np.flatnonzero(np.asarray(c["annotated"])))
+        assert on == sorted([liver, tumour, k_right, k_left])  # lung_left stays unannotated either way
+        assert not np.asarray(c["annotated"])[lung_left - 1]
+        target = np.asarray(c["target"]).astype(bool)
+        right_side, left_side = slice(3, 8), slice(16, 21)
+        # whatever the mirroring, the right kidney's channel holds the kidney on the right (low index)
+        assert target[k_right - 1][right_side].sum() == target[k_right - 1].sum() == 5 * 3 * 4
+        assert target[k_left - 1][left_side].sum() == target[k_left - 1].sum() == 5 * 3 * 4
+        assert target[liver - 1][14:22].any() == m and target[tumour - 1][17:20].any() == m
+    with pytest.raises(ValueError, match="lesion_mirror_labels must be 'lesions' or 'swap_sides', got 'both'"):
+        crops(lesion_mirror_labels="both")
+
+
 def test_train_source_weights_reach_the_sampler_and_a_wrong_source_is_named(phantoms, tmp_path):
     """``train.source_weights`` (off in every preset) draws a weighted source's crops more often; a
     source the data does not have stops the run before its first step, naming the sources there are."""
