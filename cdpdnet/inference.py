@@ -85,12 +85,16 @@ class Segmenter:
             organ channels keep the single pass (a mirrored torso has its liver on the left). It doubles
             the network time, and on the CPU benchmark it did not pay (off in every preset; measured in
             docs/benchmarks.md, "The lung tumour learned on one side only").
+        lesion_mirror_rois: the lesion ROIs (names or label values) that get the mirrored pass; default
+            the preset's ``infer.lesion_mirror_rois``, else every lesion. A lesion of a symmetric host
+            (the lung tumour) is the one a mirrored body does not mislead.
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str | torch.device = "cpu", overlap: float | None = None,
                  sw_batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
                  amp: bool | None = None, lesion_threshold: float | None = None,
-                 roi_thresholds: Mapping[str | int, float] | None = None, lesion_mirror: str | None = None):
+                 roi_thresholds: Mapping[str | int, float] | None = None, lesion_mirror: str | None = None,
+                 lesion_mirror_rois: Sequence[str | int] | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else model_from_checkpoint(model, device)
         self.device = torch.device(device)
         self.loaded.model.to(self.device).eval()
@@ -116,6 +120,11 @@ class Segmenter:
             raise ValueError(f"lesion_mirror must be 'off', 'mean' or 'max', got {self.lesion_mirror!r}")
         self.mirror_axis = (left_right_axis(self.loaded.preset.preprocess.get("orientation", "RAS"))
                             if self.lesion_mirror != "off" else None)
+        mirror_rois = cfg.get("lesion_mirror_rois") if lesion_mirror_rois is None else lesion_mirror_rois
+        self.mirror_rois = {r.index for r in ROIS if r.is_lesion} if mirror_rois is None else {roi(r).index for r in mirror_rois}
+        organs = sorted(ROIS[c - 1].name for c in self.mirror_rois if not ROIS[c - 1].is_lesion)
+        if organs:
+            raise ValueError(f"lesion_mirror_rois must name lesions (tumours, cyst), got organs {organs}")
         self.mode = cfg.get("mode", "gaussian")
         self.sigma_scale = float(cfg.get("sigma_scale", 0.125))
         self.do_postprocess = postprocess
@@ -160,7 +169,7 @@ class Segmenter:
             )
 
         logits = window(x, channels)
-        lesions = [i for i, c in enumerate(channels) if ROIS[c - 1].is_lesion]
+        lesions = [i for i, c in enumerate(channels) if c in self.mirror_rois]
         if self.lesion_mirror != "off" and lesions:
             dim = 2 + self.mirror_axis
             mirrored = window(torch.flip(x, [dim]), [channels[i] for i in lesions]).flip(dim)

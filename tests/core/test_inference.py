@@ -273,6 +273,33 @@ def test_roi_thresholds_override_for_single_rois(tiny_checkpoint, monkeypatch):
         Segmenter(tiny_checkpoint, roi_thresholds={"celiac_trunk": 0.0})
 
 
+def test_cli_lesion_mirror_follows_the_preset_unless_told_otherwise(tiny_checkpoint, tmp_path, monkeypatch):
+    """``cdpdnet infer``: a checkpoint whose preset reads the lung tumour twice (``infer.lesion_mirror``
+    ``"max"``, ``lesion_mirror_rois`` ``["lung_tumor"]``, as ``lite-wide``) runs the second, mirrored
+    sliding window only when the lung tumour is asked for; ``--lesion-mirror off`` saves that pass."""
+    import cdpdnet.inference as inference
+    from cdpdnet.cli import main
+
+    calls = []
+    real = inference.sliding_window_inference
+    monkeypatch.setattr(inference, "sliding_window_inference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(0, 100, (24, 20, 16)).astype(np.float32),
+                             np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "ct.nii.gz")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["preset"]["infer"].update(lesion_mirror="max", lesion_mirror_rois=["lung_tumor"])
+    save_checkpoint(tmp_path / "m.pt", ckpt)
+
+    def passes(*extra: str) -> int:
+        calls.clear()
+        assert main(["infer", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "ct.nii.gz"),
+                     "--output", str(tmp_path / "seg.nii.gz"), *extra]) == 0
+        return len(calls)
+
+    assert passes("--rois", "lung tumour") == 2
+    assert passes("--rois", "lung tumour", "--lesion-mirror", "off") == 1
+    assert passes("--rois", "liver,liver tumour") == 1  # the liver's lesions: one pass
+
+
 def test_cli_roi_threshold_sets_one_entry_over_the_presets_map(tiny_checkpoint, tmp_path, monkeypatch):
     """``cdpdnet infer --roi-threshold NAME=VALUE`` changes that ROI only: the preset's other per-ROI
     thresholds stay (a synonym replaces the preset's entry of the same ROI), and ``--no-roi-thresholds``
@@ -322,3 +349,8 @@ def test_lesion_mirror_reads_the_lesion_channels_on_the_mirrored_volume_too(tiny
     assert torch.allclose(top[:, 1:], torch.maximum(plain[:, 1:], mirrored[:, 1:]))
     with pytest.raises(ValueError, match="lesion_mirror must be 'off', 'mean' or 'max', got 'both'"):
         Segmenter(tiny_checkpoint, lesion_mirror="both")
+    # lesion_mirror_rois: only the lesions named get the second pass; an organ there is refused by name
+    only = Segmenter(tiny_checkpoint, lesion_mirror="max", lesion_mirror_rois=["kidney cyst"]).predict_logits(x, chans)
+    assert torch.equal(only[:, :2], plain[:, :2]) and torch.equal(only[:, 2], top[:, 2])
+    with pytest.raises(ValueError, match=r"lesion_mirror_rois must name lesions \(tumours, cyst\), got organs \['liver'\]"):
+        Segmenter(tiny_checkpoint, lesion_mirror="max", lesion_mirror_rois=["liver", "lung_tumor"])

@@ -530,10 +530,10 @@ def test_lesion_mirror_labels_swap_sides_keeps_every_roi_annotated_with_left_and
     liver, tumour = roi("liver").index, roi("liver_tumor").index
     k_right, k_left, lung_left = roi("kidney_right").index, roi("kidney_left").index, roi("lung_left").index
     label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
-    label[0, 2:10, 4:20, 4:20] = liver  # low index on axis 0: the patient's right in RAS
+    label[0, 2:10, 4:20, 4:20] = liver
     label[0, 4:7, 8:11, 8:11] = tumour
-    label[0, 3:8, 20:23, 2:6] = k_right
-    label[0, 16:21, 20:23, 2:6] = k_left
+    label[0, 16:21, 20:23, 2:6] = k_right  # RAS: axis 0 runs from the patient's left to the right
+    label[0, 3:8, 20:23, 2:6] = k_left
     case = {"image": (label == liver).float(), "label": label, "task_id": 0,
             "classes": torch.as_tensor(np.where(label > 0, 1 + (label == tumour), 0).astype(np.uint8))}
     annotated = annotated_vector([liver, tumour, k_right, k_left])
@@ -551,8 +551,8 @@ def test_lesion_mirror_labels_swap_sides_keeps_every_roi_annotated_with_left_and
         assert on == sorted([liver, tumour, k_right, k_left])  # lung_left stays unannotated either way
         assert not np.asarray(c["annotated"])[lung_left - 1]
         target = np.asarray(c["target"]).astype(bool)
-        right_side, left_side = slice(3, 8), slice(16, 21)
-        # whatever the mirroring, the right kidney's channel holds the kidney on the right (low index)
+        right_side, left_side = slice(16, 21), slice(3, 8)
+        # mirrored or not, the right kidney's channel holds the kidney on the patient's right
         assert target[k_right - 1][right_side].sum() == target[k_right - 1].sum() == 5 * 3 * 4
         assert target[k_left - 1][left_side].sum() == target[k_left - 1].sum() == 5 * 3 * 4
         assert target[liver - 1][14:22].any() == m and target[tumour - 1][17:20].any() == m
