@@ -83,8 +83,9 @@ class Segmenter:
             A tumour or cyst is the same lesion on either side of the body, so a lesion channel that
             learned one side better than the other (``train.lesion_mirror_prob``) is read both ways;
             organ channels keep the single pass (a mirrored torso has its liver on the left). It doubles
-            the network time, and on the CPU benchmark it did not pay (off in every preset; measured in
-            docs/benchmarks.md, "The lung tumour learned on one side only").
+            the network time. On every lesion it did not pay on the CPU benchmark (docs/benchmarks.md,
+            "The lung tumour learned on one side only"); ``lite-wide`` uses ``"max"`` on the lung
+            tumour alone ("The lung tumour read on the mirrored volume too").
         lesion_mirror_rois: the lesion ROIs (names or label values) that get the mirrored pass; default
             the preset's ``infer.lesion_mirror_rois``, else every lesion. A lesion of a symmetric host
             (the lung tumour) is the one a mirrored body does not mislead.
