@@ -331,7 +331,8 @@ class _RandomCrops:
         if self.mirror_labels not in ("lesions", "swap_sides"):
             raise ValueError(f"train.lesion_mirror_labels must be 'lesions' or 'swap_sides', got {self.mirror_labels!r}")
         swapped = np.flatnonzero(SIDE_SWAP != np.arange(NUM_CLASSES))
-        self.swap_sides = MapLabelValued("label", orig_labels=(swapped + 1).tolist(), target_labels=(SIDE_SWAP[swapped] + 1).tolist())
+        self.swap_sides = (MapLabelValued("label", orig_labels=(swapped + 1).tolist(), target_labels=(SIDE_SWAP[swapped] + 1).tolist())
+                           if self.mirror is not None and self.mirror_labels == "swap_sides" else None)
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
         for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.shift):
@@ -362,7 +363,7 @@ class _RandomCrops:
             c["annotated"] = d["annotated"]
             if lesions and self.mirror is not None and self.mirror_rng.rand() < self.mirror_prob:
                 c = self.mirror(c)
-                if self.mirror_labels == "lesions":
+                if self.swap_sides is None:
                     c["annotated"] = np.asarray(d["annotated"]) * LESION_CHANNELS
                 else:  # the partner of each side takes its label and its annotated flag
                     c = self.swap_sides(c)
