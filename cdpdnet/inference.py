@@ -25,7 +25,7 @@ from monai.transforms import SpatialResample
 from .device import memory_format, use_bf16
 from .factory import LoadedModel, model_from_checkpoint
 from .imageio import load_image, save_label_map, validate_image
-from .postprocess import DEFAULT_RULES, lesion_hosts, lesion_reach, merge_order, postprocess_masks
+from .postprocess import DEFAULT_RULES, merge_order, postprocess_masks
 from .preprocessing import left_right_axis, preprocess_transforms
 from .taxonomy import NUM_CLASSES, ROIS, roi
 
@@ -82,10 +82,8 @@ class Segmenter:
             the larger); ``"off"`` for one pass. Default the preset's ``infer.lesion_mirror``, else off.
             A tumour or cyst is the same lesion on either side of the body, so a lesion channel that
             learned one side better than the other (``train.lesion_mirror_prob``) is read both ways;
-            organ channels keep the single pass (a mirrored torso has its liver on the left). With
-            post-processing the second pass covers only the box of those lesions' hosts (the lungs),
-            and none where the first pass found no host (:meth:`mirror_region`), so it costs nothing on a
-            CT without lungs and up to the network time again on a chest CT. On every lesion it did not pay on the CPU benchmark (docs/benchmarks.md,
+            organ channels keep the single pass (a mirrored torso has its liver on the left). It doubles
+            the network time. On every lesion it did not pay on the CPU benchmark (docs/benchmarks.md,
             "The lung tumour learned on one side only"); ``lite-wide`` uses ``"max"`` on the lung
             tumour alone ("The lung tumour read on the mirrored volume too").
         lesion_mirror_rois: the lesion ROIs (names or label values) that get the mirrored pass; default
@@ -153,15 +151,8 @@ class Segmenter:
 
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor, channels: Sequence[int], task_id: int = -1,
-                       mirror_within_hosts: bool = False) -> torch.Tensor:
-        """Sliding-window logits ``[1, len(channels), *x.shape[2:]]`` (float32) for a pre-processed ``x``.
-
-        ``mirror_within_hosts``: the mirrored pass of ``lesion_mirror`` covers only the box where
-        post-processing can keep those lesions (:meth:`mirror_region`), with half a patch of context
-        around it, and is skipped when this pass finds none of their hosts; elsewhere the lesions keep
-        this pass's logits. :meth:`segment` sets it when it post-processes; by default the mirrored
-        pass covers the whole volume.
-        """
+                       roi_center: Sequence[int] | None = None) -> torch.Tensor:
+        """Sliding-window logits ``[1, len(channels), *x.shape[2:]]`` (float32) for a pre-processed ``x``."""
         model = self.loaded.model
         tid = torch.tensor([task_id], device=self.device)
 
@@ -180,52 +171,15 @@ class Segmenter:
 
         logits = window(x, channels)
         lesions = [i for i, c in enumerate(channels) if c in self.mirror_rois]
-        if self.lesion_mirror == "off" or not lesions:
-            return logits
-        shape = tuple(logits.shape[2:])
-        region = (self.mirror_region(logits[0], channels, [channels[i] for i in lesions]) if mirror_within_hosts
-                  else tuple(slice(0, n) for n in shape))
-        if region is None:
-            return logits
-        context = tuple(slice(max(r.start - p // 2, 0), min(r.stop + p // 2, n))
-                        for r, p, n in zip(region, self.preset.patch_size, shape))
-        inner = tuple(slice(r.start - c.start, r.stop - c.start) for r, c in zip(region, context))
-        dim = 2 + self.mirror_axis
-        mirrored = window(torch.flip(x[(..., *context)], [dim]), [channels[i] for i in lesions]).flip(dim)
-        for k, i in enumerate(lesions):
-            here, there = logits[0, i][region], mirrored[0, k][inner]
+        if self.lesion_mirror != "off" and lesions:
+            dim = 2 + self.mirror_axis
+            mirrored = window(torch.flip(x, [dim]), [channels[i] for i in lesions]).flip(dim)
+            here = logits[:, lesions]
             if self.lesion_mirror == "max":
-                here.copy_(torch.maximum(here, there))
+                logits[:, lesions] = torch.maximum(here, mirrored)
             else:  # the mean of the two probabilities, as a logit
-                here.copy_(torch.logit((torch.sigmoid(here) + torch.sigmoid(there)) / 2, eps=1e-6))
+                logits[:, lesions] = torch.logit((torch.sigmoid(here) + torch.sigmoid(mirrored)) / 2, eps=1e-6)
         return logits
-
-    def mirror_region(self, logits: torch.Tensor, channels: Sequence[int],
-                      lesions: Sequence[int]) -> tuple[slice, ...] | None:
-        """Where the mirrored pass can change what :meth:`segment` keeps of ``lesions`` (label values),
-        given one pass's ``logits [len(channels), X, Y, Z]``: the box of their hosts at their thresholds
-        (:func:`~cdpdnet.postprocess.lesion_reach`; post-processing keeps a lesion only near them), grown
-        by the 2 voxels that resampling reads around what is kept. ``None`` when no host is found (the
-        lesions are then dropped); the whole volume for a lesion that no host bounds.
-        """
-        shape = tuple(logits.shape[1:])
-        whole = tuple(slice(0, n) for n in shape)
-        spacing = [float(v) for v in self.preset.preprocess["spacing"]]
-        boxes = []
-        for c in lesions:
-            hosts = [h for h in (lesion_hosts(c) or []) if h in channels]
-            if not hosts:  # no lesion_in_host rule, or none of its hosts among the channels: kept anywhere
-                return whole
-            found = torch.zeros(shape, dtype=torch.bool, device=logits.device)
-            for h in hosts:
-                found |= logits[channels.index(h)] > _logit(self.threshold_of(h))
-            box = lesion_reach(found.cpu().numpy(), spacing)
-            if box is not None:
-                boxes.append(box)
-        if not boxes:
-            return None
-        return tuple(slice(max(min(b[a].start for b in boxes) - 2, 0), min(max(b[a].stop for b in boxes) + 2, n))
-                     for a, n in enumerate(shape))
 
     def segment(self, image, rois: Sequence[int | str] | None = None, task: str | int | None = None,
                 output: str | Path | None = None, affine: np.ndarray | None = None) -> Segmentation:
@@ -247,7 +201,7 @@ class Segmenter:
         t["preprocess"] = time.perf_counter()
 
         channels = required_channels(wanted)
-        logits = self.predict_logits(x[None], channels, task_id, mirror_within_hosts=self.do_postprocess)[0]
+        logits = self.predict_logits(x[None], channels, task_id)[0]
         t["network"] = time.perf_counter()
 
         masks = {c: (logits[i] > _logit(self.threshold_of(c))).cpu().numpy().astype(np.uint8)

@@ -106,16 +106,7 @@ __all__ = [
     "split_label_map",
     "top_k_components",
     "axis_direction",
-    "lesion_hosts",
-    "lesion_reach",
-    "HOST_MARGIN_MM",
-    "HOST_CLOSING_MM",
 ]
-
-HOST_MARGIN_MM = 3.0
-"""``lesion_in_host``'s default dilation of the host: the reference's 5x5x5 box at 1.5 mm."""
-HOST_CLOSING_MM = 3.0
-"""``lesion_in_host``'s default closing of the host."""
 
 
 @dataclass(frozen=True)
@@ -246,35 +237,6 @@ def top_k_components(mask: np.ndarray, k: int = 1, weights: np.ndarray | None = 
 
 def _radius_vox(mm: float, spacing: Iterable[float]) -> tuple[int, ...]:
     return tuple(max(0, int(np.floor(mm / float(s) + 0.5))) for s in spacing)
-
-
-def lesion_hosts(roi: int, rules: Mapping[int, Rule] = DEFAULT_RULES) -> list[int] | None:
-    """The host ROIs (label values) within which ``rules`` keep lesion ``roi``; ``None`` when its rule
-    is not ``lesion_in_host`` (nothing then bounds where the lesion may be)."""
-    rule = rules.get(roi)
-    if rule is None or rule.kind != "lesion_in_host":
-        return None
-    return _host_ids(roi, dict(rule.params).get("hosts"))
-
-
-def _host_ids(roi: int, hosts: Iterable[int | str] | None = None) -> list[int]:
-    return [roi_index(h) for h in (hosts if hosts is not None else ROIS[roi - 1].hosts)]
-
-
-def lesion_reach(hosts: np.ndarray, spacing: Iterable[float],
-                 host_margin_mm: float = HOST_MARGIN_MM) -> tuple[slice, ...] | None:
-    """The box outside which ``lesion_in_host`` keeps no lesion voxel, given ``hosts``, the union of the
-    lesion's raw host masks: their bounding box grown by the margin's radius, clipped to the volume.
-    ``None`` when ``hosts`` is empty (the rule then drops the whole lesion).
-
-    The rule keeps the lesion inside the top components of that union, closed and then dilated by
-    the margin, and a box closing stays inside the bounding box of what it closes.
-    """
-    box = _bbox(_as_bool(hosts))
-    if box is None:
-        return None
-    grow = _radius_vox(host_margin_mm, spacing)
-    return tuple(slice(max(s.start - g, 0), min(s.stop + g, n)) for s, g, n in zip(box, grow, np.shape(hosts)))
 
 
 def _grow_host(host: np.ndarray, close_r: tuple[int, ...], dil_r: tuple[int, ...]) -> np.ndarray:
@@ -424,7 +386,7 @@ def _rule_cut_below(roi, masks, done, ctx, ref: int):
 def _rule_lesion_in_host(roi, masks, done, ctx, top_k: int = 1, hosts: Iterable[int] | None = None,
                          host_margin_mm: float | None = None, host_closing_mm: float | None = None):
     lesion = _as_bool(masks[roi])
-    host_ids = _host_ids(roi, hosts)
+    host_ids = [roi_index(h) for h in (hosts if hosts is not None else ROIS[roi - 1].hosts)]
     present = [h for h in host_ids if h in masks]
     if not present:  # host not requested: nothing to check against
         return {roi: lesion.copy()}
@@ -457,8 +419,8 @@ def postprocess_masks(
     spacing: Iterable[float] = (1.5, 1.5, 1.5),
     rules: Mapping[int, Rule] = DEFAULT_RULES,
     axcodes: str = "RAS",
-    host_margin_mm: float = HOST_MARGIN_MM,
-    host_closing_mm: float = HOST_CLOSING_MM,
+    host_margin_mm: float = 3.0,
+    host_closing_mm: float = 3.0,
     weights: Callable[[int], np.ndarray | None] | Mapping[int, np.ndarray] | None = None,
     lesion_in_organ_fraction: float | None = 0.5,
 ) -> dict[int, np.ndarray]:

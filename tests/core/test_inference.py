@@ -12,7 +12,7 @@ from cdpdnet.factory import model_from_checkpoint
 from cdpdnet.imageio import InvalidImageError
 from cdpdnet.inference import Segmenter, required_channels
 from cdpdnet.phantoms import make_phantom
-from cdpdnet.taxonomy import NUM_CLASSES, UnknownROIError, roi_index
+from cdpdnet.taxonomy import UnknownROIError, roi_index
 
 
 def test_checkpoint_round_trip(tiny_checkpoint, tmp_path):
@@ -101,7 +101,7 @@ def test_label_lands_on_the_same_physical_voxels(segmenter, monkeypatch):
     aff[:3, 3] = [10.0, -5.0, 7.0]
     liver = roi_index("liver")
 
-    def oracle(self, x, channels, task_id=-1, mirror_within_hosts=False):
+    def oracle(self, x, channels, task_id=-1, roi_center=None):
         out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
         out[0, channels.index(liver)] = (x[0, 0] > 0.6).float() * 20 - 10
         return out
@@ -196,7 +196,7 @@ def test_coarse_model_draws_smooth_borders_on_a_fine_input(segmenter, monkeypatc
     aff = np.diag([sp, sp, sp, 1.0])
     liver = roi_index("liver")
 
-    def oracle(self, x, channels, task_id=-1, mirror_within_hosts=False):
+    def oracle(self, x, channels, task_id=-1, roi_center=None):
         out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
         out[0, channels.index(liver)] = (x[0, 0] - 0.647) * 40  # midway between 0 and 200 HU, graded at the border
         return out
@@ -219,7 +219,7 @@ def _liver_with_uncertain_tumour(monkeypatch) -> np.ndarray:
     img = np.where(r < 45.0, 100.0, 0.0) + np.where(r < 18.0, 100.0, 0.0)  # organ 100 HU, lesion 200 HU
     liver, tumour = roi_index("liver"), roi_index("liver_tumor")
 
-    def oracle(self, x, channels, task_id=-1, mirror_within_hosts=False):
+    def oracle(self, x, channels, task_id=-1, roi_center=None):
         out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
         out[0, channels.index(liver)][x[0, 0] > 0.55] = math.log(0.9 / 0.1)
         out[0, channels.index(tumour)][x[0, 0] > 0.8] = math.log(0.35 / 0.65)  # p = 0.35 in the lesion
@@ -298,62 +298,6 @@ def test_cli_lesion_mirror_follows_the_preset_unless_told_otherwise(tiny_checkpo
     assert passes("--rois", "lung tumour") == 2
     assert passes("--rois", "lung tumour", "--lesion-mirror", "off") == 1
     assert passes("--rois", "liver,liver tumour") == 1  # the liver's lesions: one pass
-
-
-class _Voxelwise(torch.nn.Module):
-    """A stand-in network whose logits depend on each voxel's own intensity ``v`` only, so a sliding
-    window reproduces them exactly whatever its grid: both lungs where ``v < 0.2``, the lung tumour
-    ``20 (v - 0.5)`` (a different logit at each voxel), every other channel -10. It records the
-    shape of every window it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[int, ...]] = []
-
-    def forward(self, x: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
-        self.seen.append(tuple(x.shape[2:]))
-        v = x[:, 0].float()
-        out = torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), -10.0)
-        for lung in ("lung_left", "lung_right"):
-            out[:, roi_index(lung) - 1] = torch.where(v < 0.2, 5.0, -5.0)
-        out[:, roi_index("lung_tumor") - 1] = 20.0 * (v - 0.5)
-        return out
-
-
-def test_mirrored_pass_covers_only_the_box_where_the_lung_tumour_can_be_kept(tiny_checkpoint, monkeypatch):
-    """:meth:`Segmenter.segment` (``mirror_within_hosts``) runs the lung tumour's mirrored pass on the
-    lungs' box as the first pass found them, grown by post-processing's host margin (3 mm, 1 voxel
-    of 6 mm) and 2 voxels, with half a patch of context (16 voxels of ``tiny``'s 32); it
-    skips the pass on a volume without lungs. Inside the box the mirrored logits land on the voxels
-    they belong to: with a network that reads each voxel on its own the mirrored pass equals the
-    first, so ``max`` must give back the first pass's logits exactly where a flip or an offset would
-    raise some of them."""
-    import cdpdnet.inference as inference
-
-    calls = []
-    real = inference.sliding_window_inference
-    monkeypatch.setattr(inference, "sliding_window_inference",
-                        lambda volume, *a, **k: calls.append(tuple(volume.shape[2:])) or real(volume, *a, **k))
-    seg = Segmenter(tiny_checkpoint, lesion_mirror="max", lesion_mirror_rois=["lung_tumor"])
-    seg.loaded.model = _Voxelwise()
-    chans = required_channels([roi_index("lung_tumor")])
-    torch.manual_seed(0)
-    x = 0.3 + 0.7 * torch.rand(1, 1, 64, 40, 36)  # no lung anywhere (v >= 0.3)
-    one = seg.predict_logits(x, chans, mirror_within_hosts=True)
-    assert calls == [(64, 40, 36)]  # no host found: no second pass
-
-    x[0, 0, 40:50, 10:20, 8:16] = 0.1  # a lung, on the patient's right (RAS: axis 0 runs left -> right)
-    calls.clear()
-    one = seg.predict_logits(x, chans, mirror_within_hosts=True)
-    assert calls == [(64, 40, 36), (43, 39, 35)]  # lungs [40:50, 10:20, 8:16] -> [37:53, 7:23, 5:19] -> +-16
-    assert seg.mirror_region(one[0], chans, [roi_index("lung_tumor")]) == (slice(37, 53), slice(7, 23), slice(5, 19))
-    calls.clear()
-    whole = seg.predict_logits(x, chans)  # the default: the whole volume mirrored
-    assert calls == [(64, 40, 36), (64, 40, 36)]
-    assert torch.allclose(one, whole, atol=1e-4)
-    single = Segmenter(tiny_checkpoint, lesion_mirror="off")
-    single.loaded.model = seg.loaded.model
-    assert torch.allclose(one, single.predict_logits(x, chans), atol=1e-4)
 
 
 def test_cli_roi_threshold_sets_one_entry_over_the_presets_map(tiny_checkpoint, tmp_path, monkeypatch):

@@ -5,15 +5,12 @@ from cdpdnet.postprocess import (
     DEFAULT_RULES,
     REFERENCE_RULES,
     axis_direction,
-    lesion_hosts,
-    lesion_reach,
     merge_order,
     merge_to_label_map,
     postprocess_masks,
     split_label_map,
     top_k_components,
 )
-from cdpdnet.taxonomy import roi_index
 
 SHAPE = (24, 20, 16)
 
@@ -367,36 +364,3 @@ def test_components_of_masks_one_voxel_thick():
     for _ in range(300):
         m = rng.random(tuple(rng.integers(1, 4, size=3))) < 0.5
         top_k_components(m, 2)
-
-
-@pytest.mark.parametrize("spacing", [(1.5, 1.5, 1.5), (6.0, 6.0, 6.0), (0.8, 0.8, 3.0)])
-def test_lesion_reach_is_the_box_of_every_lesion_voxel_that_lesion_in_host_can_keep(spacing):
-    """``lesion_reach`` is what the Segmenter's mirrored pass relies on to skip most of a volume: a lesion
-    predicted everywhere keeps no voxel outside the box it gives for the lesion's raw hosts (two lungs
-    and a speck that the rule's top-2 components drop), and without the speck the kept lesion fills
-    that box to its edges (the hosts' box grown by the 3 mm margin; the closing adds nothing outside it)."""
-    tumour, left, right = roi_index("lung_tumor"), roi_index("lung_left"), roi_index("lung_right")
-    shape = (40, 36, 30)
-    masks = {c: np.zeros(shape, np.uint8) for c in (left, right)}
-    masks[left][5:15, 8:25, 10:22] = 1
-    masks[right][22:33, 6:24, 9:20] = 1
-    masks[tumour] = np.ones(shape, np.uint8)
-    grow = [int(np.floor(3.0 / s + 0.5)) for s in spacing]
-    expected = tuple(slice(lo - g, hi + g) for lo, hi, g in zip((5, 6, 9), (33, 25, 22), grow))
-    for speck in (False, True):
-        masks[right][37, 33, 27] = speck
-        hosts = (masks[left] | masks[right]).astype(bool)
-        box = lesion_reach(hosts, spacing)
-        kept = postprocess_masks(masks, spacing=spacing)[tumour]
-        outside = np.ones(shape, bool)
-        outside[box] = False
-        assert kept[box].any() and not kept[outside].any()
-        if not speck:
-            assert box == expected
-            assert kept[tuple(slice(s.start, s.start + 1) if a == 0 else s for a, s in enumerate(box))].any()
-            assert kept[tuple(slice(s.stop - 1, s.stop) if a == 2 else s for a, s in enumerate(box))].any()
-        else:  # the speck widens the box (costs time, not voxels)
-            assert box[0].stop == min(37 + 1 + grow[0], shape[0])
-    assert lesion_reach(np.zeros(shape, bool), spacing) is None
-    assert sorted(lesion_hosts(tumour)) == sorted([left, right])
-    assert lesion_hosts(roi_index("liver")) is None  # an organ: no lesion_in_host rule
