@@ -150,8 +150,7 @@ class Segmenter:
         return self.lesion_threshold if ROIS[c - 1].is_lesion else self.threshold
 
     @torch.no_grad()
-    def predict_logits(self, x: torch.Tensor, channels: Sequence[int], task_id: int = -1,
-                       roi_center: Sequence[int] | None = None) -> torch.Tensor:
+    def predict_logits(self, x: torch.Tensor, channels: Sequence[int], task_id: int = -1) -> torch.Tensor:
         """Sliding-window logits ``[1, len(channels), *x.shape[2:]]`` (float32) for a pre-processed ``x``."""
         model = self.loaded.model
         tid = torch.tensor([task_id], device=self.device)

@@ -101,7 +101,7 @@ def test_label_lands_on_the_same_physical_voxels(segmenter, monkeypatch):
     aff[:3, 3] = [10.0, -5.0, 7.0]
     liver = roi_index("liver")
 
-    def oracle(self, x, channels, task_id=-1, roi_center=None):
+    def oracle(self, x, channels, task_id=-1):
         out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
         out[0, channels.index(liver)] = (x[0, 0] > 0.6).float() * 20 - 10
         return out
@@ -196,7 +196,7 @@ def test_coarse_model_draws_smooth_borders_on_a_fine_input(segmenter, monkeypatc
     aff = np.diag([sp, sp, sp, 1.0])
     liver = roi_index("liver")
 
-    def oracle(self, x, channels, task_id=-1, roi_center=None):
+    def oracle(self, x, channels, task_id=-1):
         out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
         out[0, channels.index(liver)] = (x[0, 0] - 0.647) * 40  # midway between 0 and 200 HU, graded at the border
         return out
@@ -219,7 +219,7 @@ def _liver_with_uncertain_tumour(monkeypatch) -> np.ndarray:
     img = np.where(r < 45.0, 100.0, 0.0) + np.where(r < 18.0, 100.0, 0.0)  # organ 100 HU, lesion 200 HU
     liver, tumour = roi_index("liver"), roi_index("liver_tumor")
 
-    def oracle(self, x, channels, task_id=-1, roi_center=None):
+    def oracle(self, x, channels, task_id=-1):
         out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
         out[0, channels.index(liver)][x[0, 0] > 0.55] = math.log(0.9 / 0.1)
         out[0, channels.index(tumour)][x[0, 0] > 0.8] = math.log(0.35 / 0.65)  # p = 0.35 in the lesion
