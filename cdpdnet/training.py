@@ -12,19 +12,16 @@
   or annealed over a time budget (``schedule="budget"``);
 * bf16 autocast on CUDA, channels-last 3D convolutions on the CPU; DDP under ``torchrun`` where only rank 0 logs and writes;
 * atomic checkpoints every epoch (``last.pt``: resumable) and the published model (``model.pt``);
-* optionally (``train.ema_decay``) an exponential moving average of the weights, which is what is
-  validated and published (``last.pt`` keeps the trained weights and the average, to resume);
 * a progress bar, a JSON-lines metrics log, a stop flag and a time budget.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +43,6 @@ from monai.transforms import (
     RandZoomd,
     SpatialPadd,
 )
-
-from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import memory_format, use_bf16
@@ -100,19 +95,6 @@ def _channels(t: dict, key: str) -> torch.Tensor | None:
     if v not in ("all", "lesions"):
         raise ValueError(f"train.{key} must be 'all' or 'lesions', got {v!r}")
     return torch.as_tensor(LESION_CHANNELS > 0) if v == "lesions" else None
-
-
-def ema_update(decay: float, warmup: float = 10.0) -> Callable:
-    """``multi_avg_fn`` for :class:`torch.optim.swa_utils.AveragedModel`: an exponential moving average
-    whose decay is ``min(decay, (1 + n) / (warmup + n))`` after ``n`` updates, so that a short run (a
-    fine-tuning round of a few dozen steps) publishes its own weights rather than those it started from."""
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (warmup + n))
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
-
-    return update
 
 
 def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
@@ -483,10 +465,6 @@ class Trainer:
         if self.deep_supervision:
             self.loss_fn = DeepSupervisionLoss(self.loss_fn)
         self.amp = use_bf16(self.device, t.get("cpu_bf16", False)) if self.cfg.amp is None else bool(self.cfg.amp)
-        # train.ema_decay: validate and publish a moving average of the weights (0 = the trained weights)
-        self.ema_decay = _number(t, "ema_decay", 0.0, lambda v: 0 <= v < 1, "a number in [0, 1) (0 = off)")
-        self.ema = (AveragedModel(self.model.net, multi_avg_fn=ema_update(self.ema_decay), use_buffers=False)
-                    if self.ema_decay else None)
         self.start_epoch = 0
         self.best: float | None = None
         if self.cfg.resume and (self.out / "last.pt").is_file():
@@ -515,11 +493,6 @@ class Trainer:
 
     def _resume(self, ck: dict) -> None:
         self.model.net.load_state_dict(ck["state_dict"])
-        if self.ema is not None:
-            if "ema_state_dict" in ck:
-                self.ema.load_state_dict(ck["ema_state_dict"])
-            else:  # a run without the average: it starts from the weights resumed
-                self.ema.module.load_state_dict(ck["state_dict"])
         if "optimizer" in ck:
             self.optimizer.load_state_dict(ck["optimizer"])
         self.start_epoch = int(ck.get("epoch", -1)) + 1
@@ -545,26 +518,7 @@ class Trainer:
                                  "train_config": asdict(self.cfg)}
         if with_optimizer:
             extra["optimizer"] = self.optimizer.state_dict()
-            if self.ema is not None:
-                extra["ema_state_dict"] = self.ema.state_dict()
         return checkpoint_payload(self.model, self.preset, self.tasks, text, **extra)
-
-    @contextlib.contextmanager
-    def published_weights(self) -> Iterator[None]:
-        """Within this block the network holds the weights that are validated and published: the moving
-        average when ``train.ema_decay`` is set (the trained weights are put back after), else its own."""
-        if self.ema is None:
-            yield
-            return
-        params = list(self.model.net.parameters())
-        trained = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(params, list(self.ema.module.parameters()))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, trained)
 
     def _validate(self) -> tuple[float | None, dict]:
         if not self.validation:
@@ -639,8 +593,7 @@ class Trainer:
             stats = EpochStats(epoch, means[0], means[1], means[2], lr, time.monotonic() - t0, n)
             if main and cfg.val_every and (epoch + 1) % cfg.val_every == 0 or (main and epoch == self.epochs - 1
                                                                              and cfg.val_every):
-                with self.published_weights():
-                    stats.val_dice, stats.val_per_roi = self._validate()
+                stats.val_dice, stats.val_per_roi = self._validate()
             history.append(stats)
             if main:
                 self._save_epoch(epoch, stats)
@@ -703,8 +656,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model.net)
         return float(loss.detach())
 
     def _save_epoch(self, epoch: int, stats: EpochStats) -> None:
@@ -712,8 +663,7 @@ class Trainer:
         save_checkpoint(self.out / "last.pt", self._payload(epoch, True, metrics))
         if stats.val_dice is not None and (self.best is None or stats.val_dice > self.best):
             self.best = stats.val_dice
-            with self.published_weights():
-                save_checkpoint(self.out / "best.pt", self._payload(epoch, False, metrics))
+            save_checkpoint(self.out / "best.pt", self._payload(epoch, False, metrics))
 
     def _finish(self, history: list[EpochStats], stopped: str | None) -> dict:
         summary = {"epochs_done": (history[-1].epoch + 1) if history else self.start_epoch, "epochs": self.epochs,
@@ -726,8 +676,7 @@ class Trainer:
             if best.is_file():  # the best validated epoch is the published model
                 save_checkpoint(model_path, load_checkpoint(best))
             else:
-                with self.published_weights():
-                    save_checkpoint(model_path, self._payload(history[-1].epoch, False, {"loss": history[-1].loss}))
+                save_checkpoint(model_path, self._payload(history[-1].epoch, False, {"loss": history[-1].loss}))
             summary["model"] = str(model_path)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -101,56 +101,6 @@ def test_deep_supervision_trains_and_round_trips(phantoms, tmp_path):
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(loaded.model.net.aux_outputs, tr.model.net.aux_outputs))
 
 
-def test_ema_publishes_the_moving_average_keeps_the_trained_weights_and_resumes(phantoms, tmp_path):
-    """``train.ema_decay``: the published model holds the moving average of the weights (decay
-    ``min(d, (1 + n) / (10 + n))`` after n updates, checked against an average kept by hand), the network
-    keeps training on its own weights, ``last.pt`` holds both and resuming restores both; a decay outside
-    [0, 1) is refused by name."""
-    import torch
-
-    _, dl = phantoms
-    d = load_preset("tiny").to_dict()
-    d["name"], d["train"]["ema_decay"] = "tiny-ema", 0.3
-    (tmp_path / "p.json").write_text(json.dumps(d))
-    tr = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run", iterations_per_epoch=3))
-    hand: dict[str, torch.Tensor] = {}
-    step, updates = tr._step, []
-
-    def step_and_average(batch):
-        loss = step(batch)
-        k = len(updates)
-        decay = min(0.3, (1 + k) / (10 + k))
-        for name, p in tr.model.net.named_parameters():
-            hand[name] = p.detach().clone() if k == 0 else hand[name] * decay + p.detach() * (1 - decay)
-        updates.append(decay)
-        return loss
-
-    tr._step = step_and_average
-    summary = tr.run()
-    assert len(updates) == 6 and updates[1] == pytest.approx(2 / 11) and updates[-1] == 0.3
-    published = load_checkpoint(summary["model"])["state_dict"]
-    last = load_checkpoint(tmp_path / "run" / "last.pt")
-    trained = dict(tr.model.net.named_parameters())
-    for name, avg in hand.items():
-        torch.testing.assert_close(published[name], avg, rtol=1e-5, atol=1e-6)
-        assert torch.equal(last["state_dict"][name], trained[name].detach())  # put back after publishing
-    assert any(not torch.equal(published[n], last["state_dict"][n]) for n in hand)
-    assert int(last["ema_state_dict"]["n_averaged"]) == 6
-
-    resumed = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run", epochs=3, iterations_per_epoch=3,
-                                                                     resume=True))
-    assert resumed.start_epoch == 2 and int(resumed.ema.n_averaged) == 6
-    for name, p in resumed.ema.module.named_parameters():
-        torch.testing.assert_close(p, hand[name], rtol=1e-5, atol=1e-6)
-    resumed.run()
-    assert int(resumed.ema.n_averaged) == 9
-
-    d["train"]["ema_decay"] = 1.0
-    (tmp_path / "p.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match=r"train.ema_decay must be a number in \[0, 1\)"):
-        Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "bad"))
-
-
 def _lesion_mask():
     return [r.is_lesion for r in ROIS]
 
