@@ -45,7 +45,7 @@ from monai.transforms import (
 )
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .device import memory_format, use_bf16
+from .device import keep_freed_memory, memory_format, use_bf16
 from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
 from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
@@ -162,6 +162,8 @@ class TrainConfig:
     val_every: int = 0  # epochs between validations (0 = never)
     progress: bool = True
     threads: int | None = None
+    # CPU: glibc keeps freed memory for the next step (cdpdnet.device.keep_freed_memory; process-wide)
+    keep_freed_memory: bool = True
     # "reference": warm-up then cosine to 0 at the last epoch (the published recipe, for long runs);
     # "finetune": cosine from the first epoch, no warm-up, floor at 10 % (short rounds on a served model)
     # "budget": warm-up (first 2 %) and cosine to 0 over the time budget ``max_minutes``, set every
@@ -412,6 +414,8 @@ class Trainer:
         self.dist = _Distributed(self.device)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        if self.cfg.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.out = Path(self.cfg.out_dir)
 

@@ -265,7 +265,10 @@ class CDPDNetTrain(TrainTask):
         cfg = TrainConfig(out_dir=str(out_dir), epochs=epochs, iterations_per_epoch=iters or None,
                           max_minutes=max_minutes or None, device=device, init_checkpoint=init, seed=seed,
                           val_every=1 if val else 0, progress=False, lr=lr or None, threads=threads or None,
-                          schedule="finetune")
+                          schedule="finetune",
+                          # the allocator setting is process-wide: only in MONAI Label's training subprocess,
+                          # never in the server's own process (a synchronous run)
+                          keep_freed_memory=in_background_task())
         logger.info(f"Training {len(train)} images ({len(val)} validation) from {init or 'scratch'} "
                     f"({base_version or 'no version'}) for {epochs} epochs on {device}")
         try:

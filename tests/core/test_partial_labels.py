@@ -22,7 +22,7 @@ from cdpdnet.data import (
     resolve_label_names,
     split_by_source,
 )
-from cdpdnet.loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
+from cdpdnet.loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss, softplus
 from cdpdnet.taxonomy import NUM_CLASSES, roi_index
 
 LIVER, LIVER_TUMOR = roi_index("liver"), roi_index("liver_tumor")
@@ -67,6 +67,23 @@ def test_loss_equals_per_pair_loop_reference():
     assert comp["pairs"] == int(annotated.sum())
     weighted = PartialLabelLoss(bce_weight=0.5, dice_weight=2.0)(logits, target, annotated.to(torch.uint8))
     assert torch.allclose(weighted.double(), 0.5 * bce + 2 * dice, atol=1e-5)
+
+
+def test_loss_softplus_matches_torch_in_value_and_gradient_without_overflow():
+    # the loss's softplus avoids log1p (not vectorised on the CPU); it must stay F.softplus to within
+    # float32 rounding, with the exact gradient sigmoid(z), and stay finite where exp(z) overflows
+    z = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-1e4, -88.8, -17.0, 0.0, 17.0, 88.8, 1e4])])
+    z = z.requires_grad_(True)
+    out = softplus(z)
+    out.sum().backward()
+    want = F.softplus(z.detach().double())
+    assert torch.isfinite(out).all() and torch.isfinite(z.grad).all()
+    assert (out.detach().double() - want).abs().max() <= 1e-6 * want.clamp_min(1.0).max()
+    assert torch.allclose(z.grad, torch.sigmoid(z.detach()), rtol=0, atol=0)
+    # and the loss built on it equals torch's BCE-with-logits on large logits
+    y = (torch.arange(z.numel()) % 3 == 0).float()
+    ours = (softplus(z.detach()) - z.detach() * y).mean()
+    assert float(ours) == pytest.approx(float(F.binary_cross_entropy_with_logits(z.detach(), y)), rel=1e-6)
 
 
 def test_loss_on_channels_last_logits_matches_contiguous():
