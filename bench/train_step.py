@@ -4,7 +4,8 @@ backward + AdamW, on random input. Usage::
     HF_HUB_OFFLINE=1 python bench/train_step.py --preset lite --batch 2
     HF_HUB_OFFLINE=1 python bench/train_step.py --preset lite --override '{"preprocess": {"spacing": [3, 3, 3]}}'
 
-``--layout contiguous`` measures without the channels-last layout the trainer uses on the CPU.
+``--layout contiguous`` measures without the channels-last layout the trainer uses on the CPU;
+``--malloc default`` without the allocator setting it applies there (``cdpdnet.device.keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -24,16 +25,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--layout", choices=["auto", "contiguous"], default="auto")
+    ap.add_argument("--malloc", choices=["kept", "default"], default="kept",
+                    help="kept: glibc keeps freed memory for the next step, as the trainer sets it on the CPU")
     a = ap.parse_args()
 
     import numpy as np
     import torch
 
-    from cdpdnet.device import memory_format
+    from cdpdnet.device import keep_freed_memory, memory_format
     from cdpdnet.factory import build_model
     from cdpdnet.preset import load_preset
     from cdpdnet.training import loss_from_preset
 
+    if a.malloc == "kept":
+        keep_freed_memory()
     torch.manual_seed(0)
     preset = load_preset(a.preset, json.loads(a.override))
     model = build_model(preset, num_tasks=5)
@@ -64,7 +69,7 @@ def main() -> None:
         step()
     dino, fwd, bwd = np.mean([step() for _ in range(a.steps)], axis=0)
     params = sum(p.numel() for p in net.parameters()) / 1e6
-    print(f"{preset.name} patch {preset.patch_size} batch {a.batch} layout {a.layout} threads {torch.get_num_threads()}: "
+    print(f"{preset.name} patch {preset.patch_size} batch {a.batch} layout {a.layout} malloc {a.malloc} threads {torch.get_num_threads()}: "
           f"DINO {dino:.3f} s, forward {fwd:.3f} s, loss + backward + AdamW {bwd:.3f} s, "
           f"total {dino + fwd + bwd:.3f} s per step; {params:.2f} M trainable parameters")
 
