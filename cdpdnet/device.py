@@ -37,12 +37,12 @@ def memory_format(device: torch.device) -> torch.memory_format:
 def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Make glibc's ``malloc`` keep the memory a CPU training step frees, for the next step to reuse.
 
-    A `lite-wide` step allocates and frees about a hundred activations and gradients of 1-20 MB. glibc
+    A `lite-wide` step allocates and frees activations and gradients of up to 19 MB (its float32 logits). glibc
     serves blocks above its (dynamic) mmap threshold with ``mmap`` and returns them at ``free``, and it
     trims the heap's top beyond its trim threshold, so each step faults the same memory in again. With
     blocks up to ``mmap_threshold`` taken from the heap and the heap kept up to ``trim_threshold`` of
-    free memory, a step reuses the last one's pages: 0.41-0.46 -> 0.38 s per step on 2 cores
-    (docs/benchmarks.md, "Freed memory kept for the next step"). Setting either alone is slower than
+    free memory, a step reuses the last one's pages: 0.41-0.48 -> 0.38-0.44 s per step on 2 cores, and
+    +20 % steps in 6 minutes of real training (docs/benchmarks.md, "A faster training step"). Setting either alone is slower than
     glibc's default (a fixed trim threshold switches the dynamic mmap threshold off: 0.88-0.95 s).
 
     Process-wide and not undone: the process keeps up to ``trim_threshold`` of freed memory for its life.

@@ -27,13 +27,13 @@ def _flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class _Softplus(torch.autograd.Function):
-    """:math:`\log(1 + e^z)` as :math:`\max(z, 0) + \log(1 + e^{-|z|})`, with ``log`` where
+    r""":math:`\log(1 + e^z)` as :math:`\max(z, 0) + \log(1 + e^{-|z|})`, with ``log`` where
     ``F.softplus`` uses ``log1p``; the backward pass is :math:`\sigma(z)`.
 
     On the CPU ``log1p`` (and with it ``F.softplus``, ``F.logsigmoid`` and
     ``F.binary_cross_entropy_with_logits``) runs without SIMD: 27-39 ms for the 2x32x48x32x48 logits
     of a `lite-wide` step on 2 cores, against 4 ms for ``log`` (measured with torch 2.14;
-    docs/benchmarks.md, "The loss without log1p"). ``log(1 + e)`` rounds a term below 6e-8 to 0, an
+    docs/benchmarks.md, "A faster training step"). ``log(1 + e)`` rounds a term below 6e-8 to 0, an
     absolute error of at most 6e-8 per voxel in a loss that is a mean over voxels; the gradient is exact.
     """
 
@@ -251,7 +251,7 @@ class PartialLabelLoss(nn.Module):
         return loss
 
     def exclusion_term(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-        """:math:`L_\mathrm{excl}` (class docstring): BCE towards 0 of the unannotated channels on the voxels
+        r""":math:`L_\mathrm{excl}` (class docstring): BCE towards 0 of the unannotated channels on the voxels
         of the annotated ROIs they exclude; ``annotated`` a bool ``[B, C]``."""
         self._check_exclusion(logits.shape[1])
         return self._exclusion(*_flat(logits, target), annotated)
