@@ -10,7 +10,7 @@ the result on others (``--roi-thresholds`` of ``bench/learning_phantoms.py --res
 
     python bench/choose_roi_thresholds.py runs/bench-ps24-s0 runs/bench-ps24-s1 runs/bench-ps24-s2 \\
         --grid 0.2 0.25 0.3 0.4 0.5 0.6 --default 0.4 --out bench/roi-thresholds.json
-    python bench/choose_roi_thresholds.py runs/bench-fast-s0 runs/bench-fast-s1 runs/bench-fast-s4 \
+    python bench/choose_roi_thresholds.py runs/bench-fast-s0 runs/bench-fast-s1 runs/bench-fast-s4 \\
         --grid 0.2 0.25 0.3 0.35 0.4 0.5 --suffix=-rtEMPTY-phantoms-val --suffix=-rtEMPTY-phantoms-val2
 """
 
@@ -34,7 +34,8 @@ def per_run_dice(run: Path, threshold: float, suffix: str, loss: str) -> dict[st
 
 def choose(table: dict[float, list[dict[str, float]]], default: float, min_gain: float,
            max_loss: float) -> tuple[dict[str, float], list[tuple]]:
-    """``table[threshold][run][roi]`` -> (``{roi: threshold}`` for the ROIs that move, rows for a report)."""
+    """``table[threshold][case][roi]`` (a case: one run on one test set) -> (``{roi: threshold}`` for the ROIs
+    that move, rows for a report)."""
     names = list(table[default][0])
     chosen, rows = {}, []
     for name in names:
@@ -62,7 +63,7 @@ def main() -> None:
                          "on each set is one case; default: the run's own held-out set)")
     ap.add_argument("--loss", default="partial")
     ap.add_argument("--min-gain", type=float, default=0.01, help="mean Dice gain needed to move an ROI")
-    ap.add_argument("--max-loss", type=float, default=0.02, help="largest Dice loss allowed on any one run")
+    ap.add_argument("--max-loss", type=float, default=0.02, help="largest Dice loss allowed on any one case")
     ap.add_argument("--out", help="write {ROI: threshold} here (JSON)")
     a = ap.parse_args()
     if a.default not in a.grid:
