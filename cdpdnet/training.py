@@ -39,6 +39,7 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandRotate90d,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandZoomd,
     SpatialPadd,
@@ -325,6 +326,10 @@ class _RandomCrops:
                                             prob=t.get("scale_intensity_prob", 0.0))
         self.shift = RandShiftIntensityd("image", offsets=t.get("shift_intensity", 0.1),
                                          prob=t.get("shift_intensity_prob", 0.2))
+        # nnU-Net's contrast augmentation: v -> (v - mean) (1 + f) + mean, clipped to the crop's range, so
+        # every tissue difference (a vessel against its liver) scales by 1 + f and the mean stays
+        self.fixed_mean = RandScaleIntensityFixedMeand("image", factors=t.get("contrast_fixed_mean", 0.0), fixed_mean=True,
+                                                       preserve_range=True, prob=t.get("contrast_fixed_mean_prob", 0.0))
         # lesion crops mirrored left-right, every non-lesion channel unknown there (see lesion_mirror_axis)
         self.mirror_prob = _number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
         self.mirror = Flipd(keys, spatial_axis=lesion_mirror_axis(preset)) if self.mirror_prob > 0 else None
@@ -337,7 +342,8 @@ class _RandomCrops:
                            if self.mirror is not None and self.mirror_labels == "swap_sides" else None)
         self.to_channels = PartialLabelToChannelsd("label", "annotated", "target")
         self.pad = SpatialPadd(keys, patch)
-        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.shift):
+        for tr in (self.posneg, self.by_class, self.balanced, self.zoom, self.affine, self.rot, self.contrast, self.fixed_mean,
+                   self.shift):
             tr.set_random_state(seed)
 
     def augment(self, c: dict, source: str | None) -> dict:
@@ -346,7 +352,10 @@ class _RandomCrops:
             c = self.zoom(c)
         if self.affine.prob > 0:
             c = self.affine(c)
-        return self.shift(self.contrast(self.rot(c)))
+        c = self.contrast(self.rot(c))
+        if self.fixed_mean.prob > 0:
+            c = self.fixed_mean(c)
+        return self.shift(c)
 
     def __call__(self, d: dict) -> list[dict]:
         annotated = np.asarray(d["annotated"])

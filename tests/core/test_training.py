@@ -427,11 +427,11 @@ def test_roi_crop_weights_favour_single_rois(phantoms):
         crops({"kidney_cyst": -1.0})
 
 
-def _augmenter(train: dict):
+def _augmenter(train: dict, seed: int = 0):
     from cdpdnet.preset import load_preset
     from cdpdnet.training import _RandomCrops
 
-    return _RandomCrops(load_preset("tiny", {"patch_size": [24, 24, 24], "train": train}), num_samples=1, seed=0)
+    return _RandomCrops(load_preset("tiny", {"patch_size": [24, 24, 24], "train": train}), num_samples=1, seed=seed)
 
 
 def _cube_crop():
@@ -473,6 +473,31 @@ def test_affine_and_contrast_augmentation_keep_labels_and_shapes():
     assert abs(int((lab == 6).sum()) - 512) < 512 * 0.8 and not np.array_equal(lab == 6, np.asarray(_cube_crop()["label"])[0] == 6)
     inside = img[lab == 6]
     assert inside.size and 0.7 - 1e-6 <= np.median(inside) <= 1.3 + 1e-6 and np.median(inside) != 1.0
+
+
+def test_fixed_mean_contrast_scales_tissue_differences_and_keeps_mean_and_range():
+    """``train.contrast_fixed_mean`` (nnU-Net's contrast augmentation): a crop's intensities move away
+    from or towards its mean by 1 + f, so the difference between two tissues (a vessel and its liver)
+    scales by the same factor; the mean stays, values stay in the crop's range, the label is untouched."""
+    import numpy as np
+
+    crop = _cube_crop()
+    crop["image"] = crop["image"] * 0.3 + 0.5  # two tissues, 0.5 and 0.8: no clipping at either factor's end
+    before = np.asarray(crop["image"])[0]
+    seen = []
+    for seed in range(6):
+        aug = _augmenter({"contrast_fixed_mean": [-0.4, -0.2], "contrast_fixed_mean_prob": 1.0,
+                          "rot90_prob": 0.0, "shift_intensity_prob": 0.0}, seed=seed)
+        out = aug.augment({k: v.clone() for k, v in crop.items()}, "01")
+        img, lab = np.asarray(out["image"])[0], np.asarray(out["label"])[0]
+        assert np.array_equal(lab, np.asarray(crop["label"])[0])
+        ratio = (img[lab == 6].mean() - img[lab == 0].mean()) / (before[lab == 6].mean() - before[lab == 0].mean())
+        assert 0.6 - 1e-5 <= ratio <= 0.8 + 1e-5
+        assert abs(img.mean() - before.mean()) < 1e-5 and img.min() >= 0.5 - 1e-6 and img.max() <= 0.8 + 1e-6
+        seen.append(round(float(ratio), 4))
+    assert len(set(seen)) > 1  # drawn per crop, not one fixed factor
+    off = _augmenter({"rot90_prob": 0.0, "shift_intensity_prob": 0.0}).augment({k: v.clone() for k, v in crop.items()}, "01")
+    assert np.array_equal(np.asarray(off["image"])[0], before)  # off by default
 
 
 def test_lesion_mirror_prob_mirrors_lesion_crops_and_keeps_only_their_lesions_annotated():
