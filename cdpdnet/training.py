@@ -75,6 +75,20 @@ def _number(t: dict, key: str, default: float, ok, rule: str) -> float:
     return float(v)
 
 
+def _contrast_factors(t: dict) -> tuple[float, float]:
+    """``train.contrast_fixed_mean``: f is drawn from ``[lo, hi]`` (or ``[-v, v]`` for a number v); intensities
+    scale about the crop's mean by 1 + f, so f must stay above -1 (a factor of 0 or less would flatten or
+    invert the crop)."""
+    v = t.get("contrast_fixed_mean", 0.0)
+    pair = ((-v, v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            else tuple(v) if isinstance(v, (list, tuple)) and len(v) == 2 else None)
+    if (pair is None or any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in pair)
+            or not -1 < pair[0] <= pair[1]):
+        raise ValueError("train.contrast_fixed_mean must be a number v in [0, 1) (f in [-v, v]) or a pair [lo, hi] "
+                         f"with -1 < lo <= hi, got {v!r}")
+    return float(pair[0]), float(pair[1])
+
+
 def _roi_numbers(t: dict, key: str, ok, rule: str) -> dict[int, float]:
     """``train[key]``, a mapping ``{ROI name or synonym: number}``, as ``{label value: number}``. A number
     that fails ``ok`` is refused (``ValueError`` naming the key, the ROI and ``rule``); an unknown name
@@ -328,8 +342,9 @@ class _RandomCrops:
                                          prob=t.get("shift_intensity_prob", 0.2))
         # nnU-Net's contrast augmentation: v -> (v - mean) (1 + f) + mean, clipped to the crop's range, so
         # every tissue difference (a vessel against its liver) scales by 1 + f and the mean stays
-        self.fixed_mean = RandScaleIntensityFixedMeand("image", factors=t.get("contrast_fixed_mean", 0.0), fixed_mean=True,
-                                                       preserve_range=True, prob=t.get("contrast_fixed_mean_prob", 0.0))
+        self.fixed_mean = RandScaleIntensityFixedMeand("image", factors=_contrast_factors(t), fixed_mean=True, preserve_range=True,
+                                                       prob=_number(t, "contrast_fixed_mean_prob", 0.0, lambda v: 0 <= v <= 1,
+                                                                    "a probability in [0, 1]"))
         # lesion crops mirrored left-right, every non-lesion channel unknown there (see lesion_mirror_axis)
         self.mirror_prob = _number(t, "lesion_mirror_prob", 0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
         self.mirror = Flipd(keys, spatial_axis=lesion_mirror_axis(preset)) if self.mirror_prob > 0 else None

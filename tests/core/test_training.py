@@ -500,6 +500,17 @@ def test_fixed_mean_contrast_scales_tissue_differences_and_keeps_mean_and_range(
     assert np.array_equal(np.asarray(off["image"])[0], before)  # off by default
 
 
+@pytest.mark.parametrize("train, message", [
+    ({"contrast_fixed_mean": [-1.0, 0.0]}, r"train.contrast_fixed_mean must be .* got \[-1.0, 0.0\]"),
+    ({"contrast_fixed_mean": [0.2, -0.2]}, r"train.contrast_fixed_mean must be .* got \[0.2, -0.2\]"),
+    ({"contrast_fixed_mean": "strong"}, r"train.contrast_fixed_mean must be .* got 'strong'"),
+    ({"contrast_fixed_mean": 0.3, "contrast_fixed_mean_prob": 2}, r"train.contrast_fixed_mean_prob must be a probability"),
+])
+def test_fixed_mean_contrast_refuses_factors_that_would_flatten_or_invert_a_crop(train, message):
+    with pytest.raises(ValueError, match=message):
+        _augmenter({"rot90_prob": 0.0, "shift_intensity_prob": 0.0, **train})
+
+
 def test_lesion_mirror_prob_mirrors_lesion_crops_and_keeps_only_their_lesions_annotated():
     """``train.lesion_mirror_prob`` (off in every preset): a crop of a case that annotates a lesion is
     mirrored left-right with that probability, and only its lesions stay annotated (a mirrored torso
