@@ -354,3 +354,23 @@ def test_lesion_mirror_reads_the_lesion_channels_on_the_mirrored_volume_too(tiny
     assert torch.equal(only[:, :2], plain[:, :2]) and torch.equal(only[:, 2], top[:, 2])
     with pytest.raises(ValueError, match=r"lesion_mirror_rois must name lesions \(tumours, cyst\), got organs \['liver'\]"):
         Segmenter(tiny_checkpoint, lesion_mirror="max", lesion_mirror_rois=["liver", "lung_tumor"])
+
+
+def test_segmenter_filters_before_down_sampling_when_the_checkpoints_preset_says_so(tiny_checkpoint, monkeypatch):
+    """``preprocess.anti_alias`` travels in the checkpoint: inference filters as training did."""
+    seen = {}
+
+    def spy(self, x, channels, task_id=-1):
+        seen[self.preset.preprocess.get("anti_alias", False)] = x[0, 0].float().numpy() * 425.0 - 175.0
+        return torch.full((len(channels), *x.shape[2:]), -10.0)
+
+    monkeypatch.setattr(Segmenter, "predict_logits", spy)
+    rng = np.random.default_rng(0)
+    img = (40.0 + 20.0 * rng.standard_normal((64, 64, 64))).astype(np.float32)  # 3 mm, to the tiny preset's 6 mm
+    for aa in (False, True):
+        loaded = model_from_checkpoint(tiny_checkpoint)
+        loaded.preset.preprocess["anti_alias"] = aa
+        Segmenter(loaded).segment(img, rois=["liver"], affine=np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert seen[False].shape == seen[True].shape == (32, 32, 32)
+    inner = (slice(2, -2),) * 3
+    assert seen[True][inner].std() < 0.6 * seen[False][inner].std()
