@@ -14,7 +14,8 @@ spacing, as scikit-image's ``resize(anti_aliasing=True)`` does: a Gaussian of ``
 source voxels on each axis whose spacing grows by ``factor`` > 1 (none on the others). Without it the
 resampling reads the image at the new grid's points only: a 3 mm volume brought to 6 mm keeps one
 voxel in eight with its full noise, and a structure thinner than the new spacing shows or vanishes
-depending on where the grid falls. Label maps are never filtered.
+depending on where the grid falls. Label maps are never filtered. ``anti_alias: "main"`` filters the
+main window only and leaves the ``extra_windows`` channels unfiltered.
 """
 
 from __future__ import annotations
@@ -86,16 +87,21 @@ def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool |
     ``keys`` are images (bilinear), ``label_keys`` label maps (nearest); all must be channel-first.
     """
     all_keys = list(keys) + list(label_keys)
-    modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
-    ts = [
-        Orientationd(all_keys, axcodes=pp.get("orientation", "RAS")),
-        *([AntiAliasd(list(keys), pp["spacing"])] if pp.get("anti_alias", False) else []),
-        Spacingd(all_keys, pixdim=tuple(pp["spacing"]), mode=modes),
-    ]
+    aa = pp.get("anti_alias", False)
     extra = [(float(lo), float(hi)) for lo, hi in (pp.get("extra_windows") or [])]
-    for j, (lo, hi) in enumerate(extra):
-        names = [f"{k}_window{j + 1}" for k in keys]
-        ts += [CopyItemsd(list(keys), names=names), _window(names, lo, hi)]
+    window_names = [[f"{k}_window{j + 1}" for k in keys] for j in range(len(extra))]
+    # "main": the extra windows are copied before the filter and resampled unfiltered
+    early = aa == "main" and bool(extra)
+    ts = [Orientationd(all_keys, axcodes=pp.get("orientation", "RAS"))]
+    if early:
+        ts += [CopyItemsd(list(keys), names=names) for names in window_names]
+    if aa:
+        ts.append(AntiAliasd(list(keys), pp["spacing"]))
+    images = list(keys) + ([n for names in window_names for n in names] if early else [])
+    ts.append(Spacingd(images + list(label_keys), pixdim=tuple(pp["spacing"]),
+                       mode=["bilinear"] * len(images) + ["nearest"] * len(label_keys)))
+    for names, (lo, hi) in zip(window_names, extra):
+        ts += ([] if early else [CopyItemsd(list(keys), names=names)]) + [_window(names, lo, hi)]
     ts.append(_window(keys, pp["hu_min"], pp["hu_max"]))
     for k in keys if extra else ():
         parts = [k] + [f"{k}_window{j + 1}" for j in range(len(extra))]

@@ -60,8 +60,9 @@ class Preset:
             raise ValueError(f"patch_size {patch} must be 3 values divisible by {div}")
         if patch[0] < net.dino_group:
             raise ValueError(f"patch_size[0]={patch[0]} must be at least dino_group={net.dino_group}")
-        if not isinstance(d["preprocess"].get("anti_alias", False), bool):
-            raise ValueError(f"preprocess.anti_alias must be true or false, got {d['preprocess']['anti_alias']!r}")
+        anti_alias = d["preprocess"].get("anti_alias", False)
+        if not (isinstance(anti_alias, bool) or anti_alias == "main"):  # cdpdnet/preprocessing.py
+            raise ValueError(f"preprocess.anti_alias must be true, false or \"main\", got {anti_alias!r}")
         channels = 1 + len(d["preprocess"].get("extra_windows") or [])  # cdpdnet/preprocessing.py
         if net.in_channels != channels:
             raise ValueError(f"network.in_channels={net.in_channels} but the preprocessing gives {channels} channels "

@@ -117,6 +117,17 @@ def test_anti_alias_leaves_label_maps_alone():
     assert set(np.unique(np.asarray(outs[1]["label"]))) == {0.0, 6.0}
 
 
-def test_preset_anti_alias_must_be_a_boolean():
-    with pytest.raises(ValueError, match="preprocess.anti_alias must be true or false, got 'yes'"):
-        load_preset("tiny", {"preprocess": {"anti_alias": "yes"}})
+def test_anti_alias_main_filters_the_main_window_only():
+    pp = dict(load_preset("tiny").preprocess, spacing=[6.0, 6.0, 6.0], extra_windows=[[-1000.0, 250.0]])
+    images = {aa: preprocess_transforms(dict(pp, anti_alias=aa))({"image": _chest(noise_seed=3)})["image"]
+              for aa in (False, True, "main")}
+    assert images["main"].shape == images[True].shape == images[False].shape
+    torch.testing.assert_close(images["main"][0], images[True][0])  # the soft-tissue window, filtered
+    torch.testing.assert_close(images["main"][1], images[False][1])  # the lung window, as without the filter
+    assert not torch.allclose(images[True][1], images[False][1])
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "Main"])
+def test_preset_anti_alias_must_be_a_boolean_or_main(value):
+    with pytest.raises(ValueError, match=f"preprocess.anti_alias must be true, false or \"main\", got {value!r}"):
+        load_preset("tiny", {"preprocess": {"anti_alias": value}})
