@@ -103,8 +103,8 @@ def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool |
     for names, (lo, hi) in zip(window_names, extra):
         ts += ([] if early else [CopyItemsd(list(keys), names=names)]) + [_window(names, lo, hi)]
     ts.append(_window(keys, pp["hu_min"], pp["hu_max"]))
-    for k in keys if extra else ():
-        parts = [k] + [f"{k}_window{j + 1}" for j in range(len(extra))]
+    for i, k in enumerate(keys if extra else ()):
+        parts = [k] + [names[i] for names in window_names]
         ts += [ConcatItemsd(parts, k), DeleteItemsd(parts[1:])]
     if pp.get("crop_foreground", True) if crop is None else crop:
         ts.append(CropForegroundd(all_keys, source_key=keys[0], select_fn=foreground, channel_indices=0,
