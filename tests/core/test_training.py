@@ -183,17 +183,23 @@ def test_preset_to_dict_is_a_copy():
 
 
 def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
-    """``bench/presets/lite-wide-v8.json`` is ``lite-wide`` before the lung tumour's mirrored pass at
+    """``bench/presets/lite-wide-v9.json`` is ``lite-wide`` before its soft-tissue window was filtered before
+    the resampling, ``lite-wide-v8.json`` is v9 before the lung tumour's mirrored pass at
     inference, ``lite-wide-v7.json`` is v8 before bf16 training with the head in float32,
     ``lite-wide-v6.json`` v7 before the colon tumour's pair weight 2, ``lite-wide-v5.json`` before the hepatic vessel tumour's pair weight (every ROI at weight 1) and
     ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured against each keep what
     they were measured with."""
     latest, v7, v6, v5, v4 = (load_preset("lite-wide"), _bench("lite-wide-v7"), _bench("lite-wide-v6"),
                               _bench("lite-wide-v5"), _bench("lite-wide-v4"))
-    now = _bench("lite-wide-v8")
-    assert (latest.infer["lesion_mirror"], latest.infer["lesion_mirror_rois"]) == ("max", ["lung_tumor"])
+    v9, now = _bench("lite-wide-v9"), _bench("lite-wide-v8")
+    aa = ("preprocess", "anti_alias")
+    assert (latest.preprocess["anti_alias"], v9.preprocess["anti_alias"], now.preprocess["anti_alias"]) == ("main", False, False)
+    assert _without(latest, aa) == _without(v9, aa)
+    assert _without(_bench("lite-wide-aam")) == _without(latest)  # the experiment that was adopted
+    assert _bench("lite-wide-aa").preprocess["anti_alias"] is True and _without(_bench("lite-wide-aa"), aa) == _without(v9, aa)
+    assert (v9.infer["lesion_mirror"], v9.infer["lesion_mirror_rois"]) == ("max", ["lung_tumor"])
     assert now.infer["lesion_mirror"] == "off" and v7.infer["lesion_mirror"] == "off"
-    assert _without(latest, ("infer", "lesion_mirror")) == _without(now, ("infer", "lesion_mirror"))
+    assert _without(v9, ("infer", "lesion_mirror")) == _without(now, ("infer", "lesion_mirror"))
     bf16 = (("network", "head_float32"), ("train", "cpu_bf16"))
     assert (now.network.head_float32, now.train["cpu_bf16"]) == (True, True)
     assert (v7.network.head_float32, v7.train["cpu_bf16"]) == (False, False)
