@@ -6,6 +6,10 @@ window (Gaussian, configurable overlap) over the requested channels only -> thre
 time -> per ROI, its probability map (restricted to the kept components) resampled trilinearly
 onto the input grid (orientation, spacing, crop undone) and thresholded there -> one merged
 ``uint8`` label map (lesions painted after organs) -> write.
+
+With ``subgrids`` > 1 (``infer.subgrids``) the volume is read on that many grids at the preset's
+spacing, shifted by half a voxel; each is segmented and post-processed on its own, and each ROI's
+threshold applies to the mean of their probabilities on the input grid.
 """
 
 from __future__ import annotations
@@ -26,10 +30,19 @@ from .device import memory_format, use_bf16
 from .factory import LoadedModel, model_from_checkpoint
 from .imageio import load_image, save_label_map, validate_image
 from .postprocess import DEFAULT_RULES, merge_order, postprocess_masks
-from .preprocessing import left_right_axis, preprocess_transforms
+from .preprocessing import body_crop, left_right_axis, preprocess_transforms
 from .taxonomy import NUM_CLASSES, ROIS, roi
 
 __all__ = ["Segmenter", "Segmentation", "required_channels"]
+
+
+# half-voxel shifts (in voxels of the preset's spacing) of the grids read for ``subgrids`` = 1, 2, 4, 8
+SUBGRID_SHIFTS = {
+    1: [(0, 0, 0)],
+    2: [(0, 0, 0), (1, 1, 1)],
+    4: [(0, 0, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1)],
+    8: [tuple(s) for s in np.ndindex(2, 2, 2)],
+}
 
 
 def _logit(p: float) -> float:
@@ -86,6 +99,16 @@ class Segmenter:
             the network time. On every lesion it did not pay on the CPU benchmark (docs/benchmarks.md,
             "The lung tumour learned on one side only"); ``lite-wide`` uses ``"max"`` on the lung
             tumour alone ("The lung tumour read on the mirrored volume too").
+        subgrids: how many model grids to read the volume on: 1 (the default), 2, 4 or 8. Besides the
+            usual grid at the preset's spacing, grids shifted by half a voxel (2: along all three axes;
+            4: along two of them, each pair; 8: every combination); default the preset's
+            ``infer.subgrids``. Each grid is segmented and post-processed on its own, and the
+            probabilities of the ROIs they keep are averaged on the input grid before the threshold.
+            At a coarse spacing a thin structure shows or vanishes depending on where the grid's
+            points fall; shifted grids read it between those points. The network and the resampling
+            back to the input grid take about ``subgrids`` times as long; the image is resampled once,
+            to half the spacing, and every grid is every second voxel of that
+            (``preprocess_transforms(subdivide=2)``).
         lesion_mirror_rois: the lesion ROIs (names or label values) that get the mirrored pass; default
             the preset's ``infer.lesion_mirror_rois``, else every lesion. A lesion of a symmetric host
             (the lung tumour) is the one a mirrored body does not mislead.
@@ -95,7 +118,7 @@ class Segmenter:
                  sw_batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
                  amp: bool | None = None, lesion_threshold: float | None = None,
                  roi_thresholds: Mapping[str | int, float] | None = None, lesion_mirror: str | None = None,
-                 lesion_mirror_rois: Sequence[str | int] | None = None):
+                 lesion_mirror_rois: Sequence[str | int] | None = None, subgrids: int | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else model_from_checkpoint(model, device)
         self.device = torch.device(device)
         self.loaded.model.to(self.device).eval()
@@ -131,6 +154,12 @@ class Segmenter:
         self.do_postprocess = postprocess
         self.amp = use_bf16(self.device, bool(cfg.get("cpu_bf16", False))) if amp is None else amp
         self.preprocess = preprocess_transforms(self.loaded.preset.preprocess)
+        self.subgrids = int(cfg.get("subgrids", 1) if subgrids is None else subgrids)
+        if self.subgrids not in SUBGRID_SHIFTS:
+            raise ValueError(f"subgrids must be one of {sorted(SUBGRID_SHIFTS)}, got {self.subgrids}")
+        self._fine = (preprocess_transforms(self.loaded.preset.preprocess, crop=False, subdivide=2)
+                      if self.subgrids > 1 else None)
+        self._crop = body_crop() if self.preset.preprocess.get("crop_foreground", True) else None
 
     @property
     def preset(self):
@@ -195,35 +224,40 @@ class Segmenter:
         orig_shape = tuple(img.shape[1:])
         t["load"] = time.perf_counter()
 
-        data = self.preprocess({"image": img})
-        x = data["image"]
+        grids = self.model_grids(img)
         t["preprocess"] = time.perf_counter()
 
         channels = required_channels(wanted)
-        logits = self.predict_logits(x[None], channels, task_id)[0]
-        t["network"] = time.perf_counter()
+        spacing = [float(v) for v in self.preset.preprocess["spacing"]]
+        axcodes = self.preset.preprocess.get("orientation", "RAS")
+        read, spent = [], {"network": 0.0, "postprocess": 0.0}
+        for x in grids:  # one grid at a time: its logits, masks and affine are all that is kept
+            t0 = time.perf_counter()
+            logits = self.predict_logits(x[None], channels, task_id)[0]
+            t1 = time.perf_counter()
+            masks = {c: (logits[i] > _logit(self.threshold_of(c))).cpu().numpy().astype(np.uint8)
+                     for i, c in enumerate(channels)}
+            if self.do_postprocess:
+                def confidence(c: int, logits=logits) -> np.ndarray:  # ranks components: probability above the threshold
+                    p = torch.sigmoid(logits[channels.index(c)].float())
+                    return (p - self.threshold_of(c)).clamp_min(0).cpu().numpy()
 
-        masks = {c: (logits[i] > _logit(self.threshold_of(c))).cpu().numpy().astype(np.uint8)
-                 for i, c in enumerate(channels)}
-        if self.do_postprocess:
-            spacing = [float(s) for s in self.preset.preprocess["spacing"]]
+                masks = postprocess_masks(masks, spacing=spacing, axcodes=axcodes, weights=confidence)
+            read.append((logits, masks, np.asarray(x.affine, dtype=np.float64)))
+            spent["network"] += t1 - t0
+            spent["postprocess"] += time.perf_counter() - t1
+        t["network"] = t["preprocess"] + spent["network"]
+        t["postprocess"] = t["network"] + spent["postprocess"]
 
-            def confidence(c: int) -> np.ndarray:  # ranks components: probability above the threshold
-                p = torch.sigmoid(logits[channels.index(c)].float())
-                return (p - self.threshold_of(c)).clamp_min(0).cpu().numpy()
-
-            masks = postprocess_masks(masks, spacing=spacing, axcodes=self.preset.preprocess.get("orientation", "RAS"),
-                                      weights=confidence)
-        t["postprocess"] = time.perf_counter()
-
-        model_affine = np.asarray(x.affine, dtype=np.float64)
         out = np.zeros(orig_shape, dtype=np.uint8)
         for c in merge_order(wanted):
-            mask = self._to_input_grid(logits[channels.index(c)], masks[c], model_affine, orig_affine, orig_shape,
-                                       self.threshold_of(c))
+            thr = self.threshold_of(c)
+            parts = [self._soft_on_input_grid(logits[channels.index(c)], masks[c], affine, orig_affine, orig_shape, thr)
+                     for logits, masks, affine in read]
+            mask = self._mean_above(parts, len(read), thr)
             if mask is not None:
                 out[mask[0]][mask[1]] = c
-        del logits
+        del read
         t["resample"] = time.perf_counter()
         if output is not None:
             save_label_map(out, orig_affine, output)
@@ -234,11 +268,28 @@ class Segmenter:
             timings[n] = t[n] - prev
             prev = t[n]
         timings["total"] = t["write"] - t["start"]
-        return Segmentation(out, orig_affine, wanted, timings, tuple(x.shape[1:]))
+        return Segmentation(out, orig_affine, wanted, timings, tuple(grids[0].shape[1:]))
 
-    def _to_input_grid(self, logit: torch.Tensor, kept: np.ndarray, model_affine: np.ndarray, orig_affine: np.ndarray,
-                       orig_shape: tuple, threshold: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
-        """One ROI from the model grid to the input grid: ``(box in the input grid, bool mask in that box)``.
+    def model_grids(self, img: MetaTensor) -> list[MetaTensor]:
+        """``img`` pre-processed onto the model grids: the preset's grid first, then the half-voxel
+        shifted ones of ``subgrids`` (each cropped to the body on its own)."""
+        if self.subgrids == 1:
+            return [self.preprocess({"image": img})["image"]]
+        fine = self._fine({"image": img})["image"]  # every grid's points, at half the spacing
+        a = np.asarray(fine.affine, dtype=np.float64)
+        grids = []
+        for shift in SUBGRID_SHIFTS[self.subgrids]:
+            step = np.diag([2.0, 2.0, 2.0, 1.0])
+            step[:3, 3] = shift
+            sub = MetaTensor(fine.as_tensor()[:, shift[0]::2, shift[1]::2, shift[2]::2].contiguous(),
+                             affine=torch.as_tensor(a @ step), meta={k: v for k, v in fine.meta.items() if k != "affine"})
+            grids.append(self._crop({"image": sub})["image"] if self._crop is not None else sub)
+        return grids
+
+    def _soft_on_input_grid(self, logit: torch.Tensor, kept: np.ndarray, model_affine: np.ndarray,
+                            orig_affine: np.ndarray, orig_shape: tuple,
+                            threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """One ROI from a model grid to the input grid: ``(box start, box end, probabilities in the box)``.
 
         The probability map is resampled trilinearly (not the binary mask with nearest neighbours),
         so a 4.5 mm model draws smooth boundaries on a 3 mm or 0.8 mm input. Post-processing is kept:
@@ -271,8 +322,25 @@ class Segmenter:
         shift[:3, 3] = in_lo
         res = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
             src, dst_affine=torch.as_tensor(orig_affine @ shift), spatial_size=tuple(int(v) for v in in_hi - in_lo))
-        mask = res[0].cpu().numpy() > threshold
-        return tuple(slice(int(a), int(b)) for a, b in zip(in_lo, in_hi)), mask
+        return in_lo, in_hi, res[0].cpu().numpy()
+
+    @staticmethod
+    def _mean_above(parts, n: int, threshold: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """The mean of ``n`` grids' probabilities (``parts`` from :meth:`_soft_on_input_grid`; a grid
+        that kept nothing, or a voxel outside its box, counts 0) above ``threshold``:
+        ``(box in the input grid, bool mask in that box)``."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        if len(parts) == 1 and n == 1:
+            lo, hi, soft = parts[0]
+            return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), soft > threshold
+        lo = np.min([p[0] for p in parts], axis=0)
+        hi = np.max([p[1] for p in parts], axis=0)
+        total = np.zeros(tuple(hi - lo), dtype=np.float32)
+        for a, b, soft in parts:
+            total[tuple(slice(int(i - o), int(j - o)) for i, j, o in zip(a, b, lo))] += soft
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), total > threshold * n
 
     @staticmethod
     def _as_metatensor(image, affine):

@@ -36,7 +36,7 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-__all__ = ["preprocess_transforms", "foreground", "AntiAliasd", "anti_alias_sigma"]
+__all__ = ["preprocess_transforms", "body_crop", "foreground", "AntiAliasd", "anti_alias_sigma"]
 
 
 def foreground(x):
@@ -81,11 +81,18 @@ class AntiAliasd(MapTransform):
         return d
 
 
-def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool | None = None) -> Compose:
+def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool | None = None,
+                          subdivide: int = 1) -> Compose:
     """MONAI dictionary transforms for a preset's ``preprocess`` settings.
 
     ``keys`` are images (bilinear), ``label_keys`` label maps (nearest); all must be channel-first.
+    ``subdivide`` > 1 resamples to ``spacing / subdivide`` instead (the anti-aliasing stays that of
+    ``spacing``): the grid then holds ``subdivide ** 3`` interleaved grids at ``spacing``, the first of
+    which (every ``subdivide``-th voxel from the first) samples exactly the points that ``subdivide=1``
+    samples. Inference reads shifted grids from it (``infer.subgrids``); crop those one by one.
     """
+    if int(subdivide) < 1:
+        raise ValueError(f"subdivide must be a positive integer, got {subdivide}")
     all_keys = list(keys) + list(label_keys)
     aa = pp.get("anti_alias", False)
     extra = [(float(lo), float(hi)) for lo, hi in (pp.get("extra_windows") or [])]
@@ -98,7 +105,7 @@ def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool |
     if aa:
         ts.append(AntiAliasd(list(keys), pp["spacing"]))
     images = list(keys) + ([n for names in window_names for n in names] if early else [])
-    ts.append(Spacingd(images + list(label_keys), pixdim=tuple(pp["spacing"]),
+    ts.append(Spacingd(images + list(label_keys), pixdim=tuple(float(v) / int(subdivide) for v in pp["spacing"]),
                        mode=["bilinear"] * len(images) + ["nearest"] * len(label_keys)))
     for names, (lo, hi) in zip(window_names, extra):
         ts += ([] if early else [CopyItemsd(list(keys), names=names)]) + [_window(names, lo, hi)]
@@ -107,9 +114,14 @@ def preprocess_transforms(pp: dict, keys=("image",), label_keys=(), crop: bool |
         parts = [k] + [names[i] for names in window_names]
         ts += [ConcatItemsd(parts, k), DeleteItemsd(parts[1:])]
     if pp.get("crop_foreground", True) if crop is None else crop:
-        ts.append(CropForegroundd(all_keys, source_key=keys[0], select_fn=foreground, channel_indices=0,
-                                  allow_smaller=True))
+        ts.append(body_crop(all_keys))
     return Compose(ts)
+
+
+def body_crop(keys=("image",)) -> CropForegroundd:
+    """Crop to the body: the box of :func:`foreground` in the first key's channel 0 (the main window)."""
+    keys = list(keys)
+    return CropForegroundd(keys, source_key=keys[0], select_fn=foreground, channel_indices=0, allow_smaller=True)
 
 
 def left_right_axis(orientation: str = "RAS") -> int:

@@ -288,10 +288,10 @@ class _Entry:
 
 
 class SegmenterCache:
-    """One warm Segmenter per (model file, device), reloaded when the file changes."""
+    """One warm Segmenter per (model file, device, Segmenter arguments), reloaded when the file changes."""
 
     def __init__(self):
-        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.Lock()
         self.loads = 0
 
@@ -304,7 +304,7 @@ class SegmenterCache:
         from cdpdnet.inference import Segmenter
 
         path = os.path.realpath(str(path))
-        key = (path, str(device))
+        key = (path, str(device), *sorted(segmenter_kwargs.items()))
         with self._lock:
             ident = self._ident(path)
             entry = self._entries.get(key)

@@ -2,7 +2,7 @@
 
 ``--conf`` options (all optional):
 
-* ``preset``: ``lite`` (default) | ``paper`` | ``tiny`` | a preset JSON path. Used when the app has to
+* ``preset``: ``lite-wide`` (default) | ``lite`` | ``paper`` | ``tiny`` | a preset JSON path. Used when the app has to
   create a model (no ``model/cdpdnet.pt`` and no ``model/pretrained_cdpdnet.pt``) and when training
   starts without any model. A checkpoint is self-describing: an existing model keeps its own preset
   (a differing ``preset`` is reported in the log and in ``/info``); to serve another preset, point
@@ -17,6 +17,9 @@
 * ``threads``: CPU threads for the server's inference, ``auto`` (default) = the cores that background
   training/scoring (half the cores, see ``lib/runtime.py``) leave free; oversubscribing the cores
   makes both crawl.
+* ``subgrids``: ``1`` | ``2`` | ``4`` | ``8``: how many model grids, shifted by half a voxel, each
+  volume is read on (their probabilities averaged); default the served model's preset
+  (``infer.subgrids``). Fewer is faster (network time scales with it), more draws finer borders.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class CDPDNet(TaskConfig):
         self.device = resolve_device(conf.get("device", "auto"))
         self.text_threshold = float(conf.get("text_threshold", 0.65))
         self.threads = self._set_threads(str(conf.get("threads", "auto")))
+        self.subgrids = self._subgrids(conf.get("subgrids"))
         self.labels = labels_dict()
         self.store = ModelStore(model_dir)
         self.path = [str(self.store.pretrained), str(self.store.published)]
@@ -76,6 +80,21 @@ class CDPDNet(TaskConfig):
         logger.info(f"Inference uses {max(1, n)} CPU threads (of {os.cpu_count()} cores; --conf threads)")
         return max(1, n)
 
+    @staticmethod
+    def _subgrids(value) -> int | None:
+        from cdpdnet.inference import SUBGRID_SHIFTS
+
+        if value is None or str(value).strip().lower() in ("", "auto", "preset"):
+            return None
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            n = -1
+        if n not in SUBGRID_SHIFTS:
+            logger.warning(f"--conf subgrids {value!r} is not one of {sorted(SUBGRID_SHIFTS)}; using the model's preset")
+            return None
+        return n
+
     def _check_preset(self) -> None:
         self.model_preset = self.store.current().get("preset") or ""
         if "preset" not in (self.conf or {}) or not self.model_preset:
@@ -89,7 +108,8 @@ class CDPDNet(TaskConfig):
     def infer(self):
         from ..infers.cdpdnet import CDPDNetInfer, CDPDNetPromptInfer
 
-        common = dict(store=self.store, labels=self.labels, device=self.device, text_threshold=self.text_threshold)
+        common = dict(store=self.store, labels=self.labels, device=self.device, text_threshold=self.text_threshold,
+                      subgrids=self.subgrids)
         return {
             self.name: CDPDNetInfer(name=self.name, **common),
             f"{self.name}_prompt": CDPDNetPromptInfer(name=f"{self.name}_prompt", **common),

@@ -79,7 +79,7 @@ class _CDPDNetInferBase(InferTask):
     DESCRIPTION = ""
 
     def __init__(self, store: ModelStore, labels: dict[str, int], device: str = "cpu", text_threshold: float = 0.65,
-                 config: dict | None = None, name: str = "cdpdnet"):
+                 config: dict | None = None, name: str = "cdpdnet", subgrids: int | None = None):
         base = {"fill_in": True, "result_extension": ".nii.gz"}
         base.update(config or {})
         super().__init__(type=self.TYPE, labels=dict(labels), dimension=3, description=self.DESCRIPTION, config=base)
@@ -87,6 +87,7 @@ class _CDPDNetInferBase(InferTask):
         self.store = store
         self.device = device
         self.text_threshold = float(text_threshold)
+        self.segmenter_kwargs = {} if subgrids is None else {"subgrids": int(subgrids)}  # None: the model's preset
 
     # -- InferTask API ---------------------------------------------------------------------
     def is_valid(self) -> bool:
@@ -162,7 +163,8 @@ class _CDPDNetInferBase(InferTask):
         to_predict = [r for r in rois if r not in annotated_set]
 
         try:
-            entry = SEGMENTERS.get(self.store.published, resolve_device(_device(req.get("device") or self.device)))
+            entry = SEGMENTERS.get(self.store.published, resolve_device(_device(req.get("device") or self.device)),
+                                   **self.segmenter_kwargs)
         except CheckpointError as e:
             raise server_error(f"the served model cannot be loaded: {e}") from None
         seg = entry.segmenter

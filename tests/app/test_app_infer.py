@@ -220,3 +220,25 @@ def test_result_files_live_in_the_servers_own_folder(client, monkeypatch):
         assert folder != shared and os.path.basename(folder).startswith("cdpdnet_results_"), path
         assert not os.path.exists(path)  # still cleaned up
         assert (os.stat(folder).st_mode & 0o777) == 0o700
+
+
+def test_conf_subgrids_reaches_the_segmenter(client, monkeypatch, tmp_path):
+    """``--conf subgrids N`` (the infer tasks' ``subgrids``) reads each volume on N half-voxel shifted
+    grids instead of as the served model's preset says; a bad value is logged and the preset's kept."""
+    import cdpdnet.inference as inference
+    from lib.configs.cdpdnet import CDPDNet
+
+    assert [CDPDNet._subgrids(v) for v in (None, "auto", "", "4", " 2 ", "8")] == [None, None, None, 4, 2, 8]
+    assert CDPDNet._subgrids("3") is None and CDPDNet._subgrids("two") is None
+    calls = []
+    real = inference.sliding_window_inference
+    monkeypatch.setattr(inference, "sliding_window_inference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    task = client.app_instance._infers["cdpdnet_prompt"]
+    params = {"label_prompt": ["liver"], "fill_in": False}
+    label_one, _, _ = infer_label(client, "cdpdnet_prompt", "ph_unlabelled_a", params, tmp_path)
+    assert len(calls) == 1  # the tiny preset: one grid, no mirrored pass
+    monkeypatch.setattr(task, "segmenter_kwargs", {"subgrids": 4})
+    calls.clear()
+    label_four, _, res = infer_label(client, "cdpdnet_prompt", "ph_unlabelled_a", params, tmp_path)
+    assert len(calls) == 4 and label_four.shape == label_one.shape
+    assert res["proposed_rois"] == ["liver"]
