@@ -183,15 +183,22 @@ def test_preset_to_dict_is_a_copy():
 
 
 def test_previous_lite_wide_presets_differ_only_in_what_changed_since():
-    """``bench/presets/lite-wide-v9.json`` is ``lite-wide`` before its soft-tissue window was filtered before
+    """``bench/presets/lite-wide-v10.json`` is ``lite-wide`` before it read each volume on 4 half-voxel shifted
+    grids at inference, ``lite-wide-v9.json`` is v10 before its soft-tissue window was filtered before
     the resampling, ``lite-wide-v8.json`` is v9 before the lung tumour's mirrored pass at
     inference, ``lite-wide-v7.json`` is v8 before bf16 training with the head in float32,
     ``lite-wide-v6.json`` v7 before the colon tumour's pair weight 2, ``lite-wide-v5.json`` before the hepatic vessel tumour's pair weight (every ROI at weight 1) and
     ``lite-wide-v4.json`` is v5 with the 32-wide head, so the presets measured against each keep what
     they were measured with."""
-    latest, v7, v6, v5, v4 = (load_preset("lite-wide"), _bench("lite-wide-v7"), _bench("lite-wide-v6"),
+    current, v10 = load_preset("lite-wide"), _bench("lite-wide-v10")
+    sg = ("infer", "subgrids")
+    assert (current.infer["subgrids"], v10.infer["subgrids"]) == (4, 1)
+    assert _without(current, sg) == _without(v10, sg)
+    latest, v7, v6, v5, v4 = (v10, _bench("lite-wide-v7"), _bench("lite-wide-v6"),
                               _bench("lite-wide-v5"), _bench("lite-wide-v4"))
     v9, now = _bench("lite-wide-v9"), _bench("lite-wide-v8")
+    for older in (v9, now, v7, _bench("lite-wide-aam"), _bench("lite-wide-aa")):
+        assert older.infer["subgrids"] == 1
     aa = ("preprocess", "anti_alias")
     assert (latest.preprocess["anti_alias"], v9.preprocess["anti_alias"], now.preprocess["anti_alias"]) == ("main", False, False)
     assert _without(latest, aa) == _without(v9, aa)
