@@ -159,7 +159,8 @@ class Segmenter:
             raise ValueError(f"subgrids must be one of {sorted(SUBGRID_SHIFTS)}, got {self.subgrids}")
         self._fine = (preprocess_transforms(self.loaded.preset.preprocess, crop=False, subdivide=2)
                       if self.subgrids > 1 else None)
-        self._crop = body_crop() if self.preset.preprocess.get("crop_foreground", True) else None
+        self._crop = (body_crop() if self.subgrids > 1 and self.preset.preprocess.get("crop_foreground", True)
+                      else None)
 
     @property
     def preset(self):
