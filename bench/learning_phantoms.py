@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=48,
                     help="training phantoms per virtual source (default 48; 8 before 2026-11-30, see docs/benchmarks.md)")
     ap.add_argument("--heldout", type=int, default=3)
+    ap.add_argument("--sources", choices=("phantom", "reference"), default="phantom",
+                    help="which ROIs each virtual source annotates, when this writes the phantoms: phantom (5 sources, "
+                         "the default) or reference (the 16 sampling keys of the published training data)")
     ap.add_argument("--phantoms", metavar="DIR",
                     help="train and score on the phantom dataset already in DIR (an earlier run's OUT/phantoms, or "
                          "`python -m cdpdnet phantoms DIR`) instead of writing a new one; --per-source and --heldout "
@@ -93,7 +96,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from cdpdnet.data import load_datalist
-    from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
+    from cdpdnet.phantoms import write_phantom_dataset
     from cdpdnet.training import TrainConfig, Trainer
 
     out = Path(a.out)
@@ -117,7 +120,8 @@ def main() -> None:
                + ("-" + a.lesion_mirror_rois.replace(",", "+") if a.lesion_mirror_rois else "")
                + (f"-sg{a.subgrids}" if a.subgrids else "")
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
-        _report(out, results, meta, suffix=tag)  # the training run's own report stays
+        _report(out, results, meta, _training_sources(load_datalist(out / "phantoms" / "dataset.json")),
+                suffix=tag)  # the training run's own report stays
         return
     if a.phantoms:
         data = Path(a.phantoms) / "dataset.json"
@@ -131,30 +135,36 @@ def main() -> None:
             raise SystemExit(f"--phantoms: {link} already holds other phantoms; --rescore would score on those. "
                              "Use a new --out.")
     else:
-        data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3))
+        data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3),
+                                     sources=a.sources)
     dl = load_datalist(data)
     results, meta = {}, {}
     for loss in (["partial", "naive"] if a.only is None else [a.only]):
         t0 = time.time()
         cfg = TrainConfig(out_dir=str(out / loss), epochs=a.epochs, iterations_per_epoch=a.iterations, loss=loss,
                           max_minutes=a.minutes, progress=False, seed=a.seed, lr=a.lr, schedule="budget")
-        summary = Trainer(dl.training, a.preset, cfg, sources={k: v for k, v in dl.sources.items()
-                                                              if k in PHANTOM_SOURCES}).run()
+        summary = Trainer(dl.training, a.preset, cfg, sources=_training_sources(dl)).run()
         meta[loss] = {"train_seconds": time.time() - t0, "epochs_done": summary["epochs_done"],
                       "iterations": _iterations(out / loss), "last_loss": summary["last_loss"]}
         results[loss] = evaluate(summary["model"], dl.test)
         print(loss, json.dumps(meta[loss]), flush=True)
-    _report(out, results, meta)
+    _report(out, results, meta, _training_sources(dl))
 
 
-def _report(out: Path, results: dict, meta: dict, suffix: str = "") -> None:
+def _training_sources(dl) -> dict[str, tuple[int, ...]]:
+    """The virtual sources of a phantom dataset that annotate its training cases: ``{name: ROI label values}``."""
+    from cdpdnet.phantoms import FULL_SOURCE
+
+    return {k: v for k, v in dl.sources.items() if k != FULL_SOURCE}
+
+
+def _report(out: Path, results: dict, meta: dict, sources: dict[str, tuple[int, ...]], suffix: str = "") -> None:
     import numpy as np
 
-    from cdpdnet.phantoms import PHANTOM_SOURCES
     from cdpdnet.taxonomy import ROIS
 
-    # ROIs annotated by a single source: what most sites leave unlabelled
-    n_sources = {r.name: sum(r.name in v for v in PHANTOM_SOURCES.values()) for r in ROIS}
+    # how many of the training data's sources annotate each ROI (1: what most sites leave unlabelled)
+    n_sources = {r.name: sum(r.index in v for v in sources.values()) for r in ROIS}
     cols = list(results)
     lines = ["| ROI | sources labelling it | " + " | ".join(f"Dice {c}" for c in cols) + " |",
              "|---|---|" + "---|" * len(cols)]

@@ -32,7 +32,7 @@ def cmd_phantoms(a) -> int:
     from .phantoms import write_phantom_dataset
 
     path = write_phantom_dataset(a.out, n_per_source=a.per_source, n_heldout=a.heldout,
-                                 spacing=(a.spacing,) * 3, seed=a.seed)
+                                 spacing=(a.spacing,) * 3, seed=a.seed, sources=a.sources)
     print(f"wrote {path}")
     return 0
 
@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heldout", type=int, default=3, help="fully labelled held-out cases (default 3)")
     s.add_argument("--spacing", type=float, default=3.0, help="isotropic voxel size in mm (default 3)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sources", choices=("phantom", "reference"), default="phantom",
+                   help="which ROIs each virtual source annotates: phantom (5 sources, the default) or reference "
+                        "(16, one per sampling key of the published CDPDNet training data; 17 ROIs annotated by one)")
     s.set_defaults(func=cmd_phantoms)
 
     s = sub.add_parser("train", help="train or fine-tune on a (partially labelled) datalist")

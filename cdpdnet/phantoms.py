@@ -38,7 +38,9 @@ fixed priority), lymph nodes, mesenteric vessels other than the portal/splenic v
 iliac vessels. Images are for tests, demos and learning benchmarks, never for clinical use.
 
 Partial labels: :data:`PHANTOM_SOURCES` defines virtual source datasets, each annotating a subset
-of the ROIs; :func:`source_label` turns a full label map into one source's partial label map (ROIs
+of the ROIs (5 sources, the learning benchmark's default); :data:`REFERENCE_PHANTOM_SOURCES` gives the
+label structure of the reference's training data instead (16 sources, one per sampling key of the
+published sampler; 17 ROIs annotated by one of them); :data:`SOURCE_SETS` names both. :func:`source_label` turns a full label map into one source's partial label map (ROIs
 it does not annotate become background, except lesions of an annotated host, which become the
 host), and :func:`write_phantom_dataset` writes an MSD-style dataset of them.
 """
@@ -54,13 +56,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .taxonomy import NUM_CLASSES, ROIS, roi
+from .taxonomy import NUM_CLASSES, ROIS, roi, sampling_keys
 
 __all__ = [
     "Phantom",
     "make_phantom",
     "source_label",
     "PHANTOM_SOURCES",
+    "REFERENCE_PHANTOM_SOURCES",
+    "SOURCE_SETS",
     "FULL_SOURCE",
     "DEFAULT_FOV_MM",
     "TISSUES",
@@ -81,6 +85,20 @@ PHANTOM_SOURCES: dict[str, tuple[str, ...]] = {
         "urinary_bladder", "prostate", "femur_head_left", "femur_head_right", "celiac_trunk",
         "aorta", "inferior_vena_cava",
     ),
+}
+
+# The reference's label structure (section 2.2): one virtual source per sampling key of the published
+# uniform sampler, annotating what that dataset annotates ("phantom_01" = BTCV's 14 ROIs, "phantom_10_06" =
+# the MSD lung tumours, ...). 17 ROIs are annotated by one source of 16, so a naive model is told
+# "background" for them in 15 of 16 samples; with PHANTOM_SOURCES it is told so in 4 of 5 at most.
+REFERENCE_PHANTOM_SOURCES: dict[str, tuple[str, ...]] = {
+    f"phantom_{key}": tuple(ROIS[i - 1].name for i in rois) for key, rois in sampling_keys().items()
+}
+
+# Named source sets (``cdpdnet phantoms --sources``, ``bench/learning_phantoms.py --sources``).
+SOURCE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "phantom": PHANTOM_SOURCES,
+    "reference": REFERENCE_PHANTOM_SOURCES,
 }
 
 _L = {r.name: r.index for r in ROIS}
@@ -158,8 +176,15 @@ class Phantom:
         return {r.name: int(counts[r.index]) for r in ROIS}
 
     def source_label(self, source: str | Iterable[str]) -> np.ndarray:
-        """The partial label map of a virtual source (a name of :data:`PHANTOM_SOURCES` or ROI names)."""
-        names = PHANTOM_SOURCES[source] if isinstance(source, str) else tuple(source)
+        """The partial label map of a virtual source (a name of :data:`PHANTOM_SOURCES` or
+        :data:`REFERENCE_PHANTOM_SOURCES`, or ROI names)."""
+        if isinstance(source, str):
+            known = {**PHANTOM_SOURCES, **REFERENCE_PHANTOM_SOURCES}
+            if source not in known:
+                raise ValueError(f"unknown virtual source {source!r}; known: {sorted(known)}")
+            names = known[source]
+        else:
+            names = tuple(source)
         return source_label(self.label, self.organ_label, names)
 
 
@@ -1019,14 +1044,21 @@ def write_phantom_dataset(
     n_heldout: int = 3,
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     seed: int = 0,
-    sources: dict[str, Sequence[str]] | None = None,
+    sources: str | dict[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write an MSD-style partially labelled phantom dataset; returns the path of ``dataset.json``.
 
     ``n_per_source`` training cases per virtual source (label maps restricted to that source's ROIs,
     see :func:`source_label`) under ``imagesTr``/``labelsTr``, and ``n_heldout`` fully labelled test
-    cases under ``imagesTs``/``labelsTs``. Every case has its own seed (``seed * 100000 + k``).
+    cases under ``imagesTs``/``labelsTs``. Every case has its own seed (``seed * 100000 + k``), so two
+    source sets with the same number of cases in all and the same ``seed`` hold the same images, labelled
+    differently. ``sources``: ``{name: ROI names}``, or a name of :data:`SOURCE_SETS` (default
+    :data:`PHANTOM_SOURCES`).
     """
+    if isinstance(sources, str):
+        if sources not in SOURCE_SETS:
+            raise ValueError(f"unknown source set {sources!r}; known: {sorted(SOURCE_SETS)}")
+        sources = SOURCE_SETS[sources]
     out = Path(out_dir)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)

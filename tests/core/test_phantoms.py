@@ -9,12 +9,14 @@ import pytest
 from cdpdnet.phantoms import (
     FULL_SOURCE,
     PHANTOM_SOURCES,
+    REFERENCE_PHANTOM_SOURCES,
+    SOURCE_SETS,
     Phantom,
     make_phantom,
     source_label,
     write_phantom_dataset,
 )
-from cdpdnet.taxonomy import NUM_CLASSES, ROI_BY_NAME, ROIS
+from cdpdnet.taxonomy import NUM_CLASSES, ROI_BY_NAME, ROIS, sampling_keys
 
 L = {r.name: r.index for r in ROIS}
 
@@ -151,6 +153,18 @@ def test_sources_cover_all_rois_and_are_partial():
     assert sum(len(v) == 1 for v in seen.values()) >= 5
 
 
+def test_reference_sources_are_the_published_sampling_keys():
+    keys = sampling_keys()
+    assert list(REFERENCE_PHANTOM_SOURCES) == [f"phantom_{k}" for k in keys] and len(keys) == 16
+    for key, values in keys.items():
+        assert REFERENCE_PHANTOM_SOURCES[f"phantom_{key}"] == tuple(ROIS[v - 1].name for v in values)
+    annotating = {n: sum(n in v for v in REFERENCE_PHANTOM_SOURCES.values()) for n in ROI_BY_NAME}
+    assert min(annotating.values()) == 1  # every ROI is annotated somewhere
+    assert annotating["liver"] == 10 and annotating["lung_right"] == annotating["hepatic_vessel"] == 1
+    assert sum(c == 1 for c in annotating.values()) == 17  # what most sites leave unlabelled
+    assert SOURCE_SETS == {"phantom": PHANTOM_SOURCES, "reference": REFERENCE_PHANTOM_SOURCES}
+
+
 def test_source_label_folds_lesions_into_annotated_hosts(phantoms):
     ph = phantoms[0]
     btcv = ph.source_label("phantom_btcv")
@@ -198,3 +212,23 @@ def test_write_phantom_dataset(tmp_path):
             assert case["annotated"] == list(PHANTOM_SOURCES[case["source"]])
             assert values == allowed  # every annotated ROI present in every case
     assert not [p for p in path.parent.rglob("*") if "tmp" in p.name]
+
+
+def test_cli_writes_the_reference_source_set(tmp_path, capsys):
+    """`cdpdnet phantoms --sources reference`: 16 sources, each case labelled with its source's ROIs only."""
+    import nibabel as nib
+
+    from cdpdnet.cli import main
+
+    assert main(["phantoms", str(tmp_path / "ref"), "--sources", "reference", "--per-source", "1",
+                 "--heldout", "0", "--spacing", "9"]) == 0
+    ds = json.loads((tmp_path / "ref" / "dataset.json").read_text())
+    assert ds["sources"] == {k: list(v) for k, v in REFERENCE_PHANTOM_SOURCES.items()}
+    assert [c["source"] for c in ds["training"]] == list(REFERENCE_PHANTOM_SOURCES) and ds["test"] == []
+    for case in ds["training"]:
+        values = set(np.unique(np.asarray(nib.load(str(tmp_path / "ref" / case["label"])).dataobj)).tolist()) - {0}
+        assert values == {L[n] for n in REFERENCE_PHANTOM_SOURCES[case["source"]]}, case["source"]
+    with pytest.raises(ValueError, match="unknown source set 'btcv'"):
+        write_phantom_dataset(tmp_path / "bad", n_per_source=1, n_heldout=0, sources="btcv")
+    with pytest.raises(ValueError, match="unknown virtual source 'phantom_99'"):
+        make_phantom(0, (9, 9, 9)).source_label("phantom_99")
