@@ -126,6 +126,16 @@ class PartialLabelLoss(nn.Module):
     the ~15 annotated in a sample (the lung tumour) then gets more of the shared features'
     gradient, with its own balance of positives and negatives unchanged.
 
+    ``unannotated_weight`` = :math:`\lambda` > 0 (0 in the reference and by default) takes the naive
+    baseline's targets for the unannotated channels at a small weight: every unannotated pair gets the BCE
+    towards its target as given (0 from :class:`cdpdnet.data.PartialLabelToChannelsd`) over its whole crop
+    (no Dice term), averaged over those pairs,
+    :math:`L \mathrel{+}= \lambda \frac{1}{|\bar S|} \sum_{(b,c) \notin S} \operatorname{mean}_v
+    \log(1 + e^{z_{bcv}})`. Most of those voxels are true negatives (an ROI fills a small part of a crop),
+    which the masked loss never shows its channel; the few false ones (the ROI itself, present but not
+    annotated) are outweighed by the annotating sources' positives when :math:`\lambda` is small, where the
+    naive baseline (:math:`\lambda = 1`, in the same mean as the annotated pairs) can lose a large ROI.
+
     ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
     an unannotated channel's target taken as given (0 everywhere from
     :class:`cdpdnet.data.PartialLabelToChannelsd`).
@@ -139,8 +149,11 @@ class PartialLabelLoss(nn.Module):
                  focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
                  pos_fraction: float | Sequence[float] | torch.Tensor = 0.0, pos_channels: torch.Tensor | None = None,
                  exclusion: torch.Tensor | None = None, exclusion_weight: float = 1.0,
-                 pair_weights: torch.Tensor | Sequence[float] | None = None) -> None:
+                 pair_weights: torch.Tensor | Sequence[float] | None = None, unannotated_weight: float = 0.0) -> None:
         super().__init__()
+        if not float(unannotated_weight) >= 0:
+            raise ValueError(f"unannotated_weight must be >= 0, got {unannotated_weight!r}")
+        self.unannotated_weight = float(unannotated_weight)
         self.log_dice = bool(log_dice)
         if pair_weights is not None:
             pair_weights = torch.as_tensor(pair_weights, dtype=torch.float32)
@@ -248,6 +261,11 @@ class PartialLabelLoss(nn.Module):
             excl = self._exclusion(z, y, mask)
             loss = loss + self.exclusion_weight * excl
             self._last["exclusion"] = excl.detach()
+        if self.unannotated_weight > 0 and not bool(mask.all()):
+            unannotated = ~mask  # their targets are 0 (PartialLabelToChannelsd): the BCE towards background
+            weak = torch.where(unannotated, bce, zero).sum() / unannotated.sum().to(bce.dtype)
+            loss = loss + self.unannotated_weight * weak
+            self._last["unannotated"] = weak.detach()
         return loss
 
     def exclusion_term(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:

@@ -626,3 +626,33 @@ def test_source_weights_draw_a_source_in_proportion_and_refuse_unknown_sources()
             UniformSourceDataset(samples, source_weights={"A": bad})
     with pytest.raises(ValueError, match="must be a mapping"):
         UniformSourceDataset(samples, source_weights=[("A", 2)])
+
+
+def test_unannotated_weight_adds_weak_background_targets_to_unannotated_channels_only():
+    """``unannotated_weight``: the unannotated pairs get lambda x the mean of their BCE towards 0 (no Dice); the
+    annotated pairs' gradient is the plain loss's; with every channel annotated nothing changes."""
+    g = torch.Generator().manual_seed(5)
+    B, C, shape = 2, 3, (5, 4, 3)
+    logits = torch.randn(B, C, *shape, generator=g)
+    target = (torch.rand(B, C, *shape, generator=g) > 0.7).to(torch.uint8)
+    annotated = torch.tensor([[True, False, False], [True, True, False]])
+    target[~annotated] = 0  # what PartialLabelToChannelsd gives an unannotated channel
+    z_plain, z_weak = (logits.clone().requires_grad_(True) for _ in range(2))
+    plain = PartialLabelLoss()(z_plain, target, annotated)
+    weak_loss = PartialLabelLoss(unannotated_weight=0.1)
+    weak = weak_loss(z_weak, target, annotated)
+    plain.backward()
+    weak.backward()
+    expected = torch.stack([F.softplus(logits[b, c].double()).mean() for b in range(B) for c in range(C)
+                            if not annotated[b, c]]).mean()
+    assert float((weak - plain).detach()) == pytest.approx(0.1 * float(expected), abs=1e-6)
+    assert weak_loss.components()["unannotated"] == pytest.approx(float(expected), abs=1e-6)
+    assert torch.allclose(z_weak.grad[annotated], z_plain.grad[annotated])
+    assert torch.all(z_plain.grad[~annotated] == 0)
+    n_unannotated, voxels = int((~annotated).sum()), logits[0, 0].numel()
+    want = 0.1 * torch.sigmoid(logits[~annotated]) / (n_unannotated * voxels)  # pushes every voxel down
+    assert torch.allclose(z_weak.grad[~annotated], want, atol=1e-7)
+    everything = torch.ones(B, C, dtype=torch.bool)
+    assert float(weak_loss(logits, target, everything)) == pytest.approx(float(PartialLabelLoss()(logits, target, everything)))
+    with pytest.raises(ValueError, match="unannotated_weight must be >= 0"):
+        PartialLabelLoss(unannotated_weight=-1)
