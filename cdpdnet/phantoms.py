@@ -40,9 +40,10 @@ iliac vessels. Images are for tests, demos and learning benchmarks, never for cl
 Partial labels: :data:`PHANTOM_SOURCES` defines virtual source datasets, each annotating a subset
 of the ROIs (5 sources, the learning benchmark's default); :data:`REFERENCE_PHANTOM_SOURCES` gives the
 label structure of the reference's training data instead (16 sources, one per sampling key of the
-published sampler; 17 ROIs annotated by one of them); :data:`SOURCE_SETS` names both. :func:`source_label` turns a full label map into one source's partial label map (ROIs
-it does not annotate become background, except lesions of an annotated host, which become the
-host), and :func:`write_phantom_dataset` writes an MSD-style dataset of them.
+published sampler; 17 ROIs annotated by one of them); :data:`SOURCE_SETS` names both.
+:func:`source_label` turns a full label map into one source's partial label map (ROIs it does not
+annotate become background, except lesions of an annotated host, which become the host), and
+:func:`write_phantom_dataset` writes an MSD-style dataset of them.
 """
 
 from __future__ import annotations
