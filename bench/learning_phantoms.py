@@ -23,6 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from cdpdnet.phantoms import SOURCE_SETS  # noqa: E402 (the --sources choices; numpy and scipy, no torch)
+
 
 def evaluate(model_path: str, samples, threshold: float | None = None, **infer) -> dict[str, list[float]]:
     import numpy as np
@@ -58,7 +60,7 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=48,
                     help="training phantoms per virtual source (default 48; 8 before 2026-11-30, see docs/benchmarks.md)")
     ap.add_argument("--heldout", type=int, default=3)
-    ap.add_argument("--sources", choices=("phantom", "reference"), default="phantom",
+    ap.add_argument("--sources", choices=sorted(SOURCE_SETS), default="phantom",
                     help="which ROIs each virtual source annotates, when this writes the phantoms: phantom (5 sources, "
                          "the default) or reference (the 16 sampling keys of the published training data)")
     ap.add_argument("--phantoms", metavar="DIR",

@@ -177,10 +177,9 @@ class Phantom:
         return {r.name: int(counts[r.index]) for r in ROIS}
 
     def source_label(self, source: str | Iterable[str]) -> np.ndarray:
-        """The partial label map of a virtual source (a name of :data:`PHANTOM_SOURCES` or
-        :data:`REFERENCE_PHANTOM_SOURCES`, or ROI names)."""
+        """The partial label map of a virtual source (a source name of any set in :data:`SOURCE_SETS`, or ROI names)."""
         if isinstance(source, str):
-            known = {**PHANTOM_SOURCES, **REFERENCE_PHANTOM_SOURCES}
+            known = {name: rois for sources in SOURCE_SETS.values() for name, rois in sources.items()}
             if source not in known:
                 raise ValueError(f"unknown virtual source {source!r}; known: {sorted(known)}")
             names = known[source]
