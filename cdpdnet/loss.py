@@ -136,6 +136,16 @@ class PartialLabelLoss(nn.Module):
     annotated) are outweighed by the annotating sources' positives when :math:`\lambda` is small, where the
     naive baseline (:math:`\lambda = 1`, in the same mean as the annotated pairs) can lose a large ROI.
 
+    ``unannotated_cap`` = :math:`\rho` > 0 (0, no cap, by default; used only with :math:`\lambda` > 0) bounds
+    that push where the channel predicts much of the crop: an unannotated pair whose mean probability
+    :math:`\bar p_{bc}` exceeds :math:`\rho` has its term scaled by :math:`\rho / \bar p_{bc}` (no gradient through
+    the factor), so it pushes no harder in total than on a prediction filling :math:`\rho` of the crop. The
+    ROI itself, present but not annotated, then weighs per voxel :math:`\propto \rho / \bar p` instead of 1. A
+    large ROI (a phantom's lung fills 3-4 % of a `lite-wide` crop of 288x192x288 mm, its liver 6 %, its colon
+    5 %), whose annotating samples pull each voxel by only ~1/N (its Dice pull ~1/(2Y) is weak where Y is
+    large, and ``pos_fraction`` leaves it unweighted), keeps its positives, while a small ROI's, a lesion's or
+    a sparse stray prediction's voxels get the full push.
+
     ``treat_unannotated_as_background=True`` gives the naive baseline: all channels supervised,
     an unannotated channel's target taken as given (0 everywhere from
     :class:`cdpdnet.data.PartialLabelToChannelsd`).
@@ -149,11 +159,15 @@ class PartialLabelLoss(nn.Module):
                  focal_gamma: float = 0.0, focal_channels: torch.Tensor | None = None,
                  pos_fraction: float | Sequence[float] | torch.Tensor = 0.0, pos_channels: torch.Tensor | None = None,
                  exclusion: torch.Tensor | None = None, exclusion_weight: float = 1.0,
-                 pair_weights: torch.Tensor | Sequence[float] | None = None, unannotated_weight: float = 0.0) -> None:
+                 pair_weights: torch.Tensor | Sequence[float] | None = None, unannotated_weight: float = 0.0,
+                 unannotated_cap: float = 0.0) -> None:
         super().__init__()
         if not float(unannotated_weight) >= 0:
             raise ValueError(f"unannotated_weight must be >= 0, got {unannotated_weight!r}")
+        if not 0 <= float(unannotated_cap) <= 1:
+            raise ValueError(f"unannotated_cap must be in [0, 1] (0 = no cap), got {unannotated_cap!r}")
         self.unannotated_weight = float(unannotated_weight)
+        self.unannotated_cap = float(unannotated_cap)
         self.log_dice = bool(log_dice)
         if pair_weights is not None:
             pair_weights = torch.as_tensor(pair_weights, dtype=torch.float32)
@@ -188,9 +202,11 @@ class PartialLabelLoss(nn.Module):
 
     def per_pair(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmasked ``(bce [B,C], dice [B,C])`` of every (sample, channel) pair, in float32."""
-        return self._per_pair(*_flat(logits, target))
+        bce, dice, _ = self._per_pair(*_flat(logits, target))
+        return bce, dice
 
-    def _per_pair(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _per_pair(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(bce [B,C], dice [B,C], sum of the probabilities [B,C])``."""
         focal = torch.zeros(z.shape[1], dtype=torch.bool) if self.focal_gamma == 0 else (
             torch.ones(z.shape[1], dtype=torch.bool) if self.focal_channels is None else self.focal_channels)
         bce = z.new_empty(z.shape[:2])
@@ -216,12 +232,13 @@ class PartialLabelLoss(nn.Module):
             bce = term.mean(-1) if chosen is None else bce.index_copy(1, chosen, term.mean(-1))
         p = torch.sigmoid(z)
         inter = (p * y).sum(-1)
-        denom = p.sum(-1) + y.sum(-1) + self.smooth
+        p_sum = p.sum(-1)
+        denom = p_sum + y.sum(-1) + self.smooth
         dice = 1.0 - 2.0 * inter / denom
         if self.log_dice:
             log_term = -torch.log((2.0 * inter + self.smooth) / denom)
             dice = torch.where(y.sum(-1) > 0, log_term, dice)
-        return bce, dice
+        return bce, dice, p_sum
 
     def _pos_fraction_of(self, C: int, chosen: torch.Tensor | None, device) -> float | torch.Tensor:
         """``pos_fraction`` for the channels computed (all ``C``, or ``chosen``), shaped to broadcast on ``[B, C, 1]``."""
@@ -243,7 +260,7 @@ class PartialLabelLoss(nn.Module):
                 raise ValueError(f"annotated must be [B, C] = {(B, C)}, got {tuple(mask.shape)}")
             mask = mask.bool() if mask.dtype == torch.bool else mask != 0
         z, y = _flat(logits, target)
-        bce, dice = self._per_pair(z, y)
+        bce, dice, p_sum = self._per_pair(z, y)
         zero = bce.new_zeros(())
         if self.pair_weights is None:
             weight = mask.to(bce.dtype)
@@ -263,7 +280,11 @@ class PartialLabelLoss(nn.Module):
             self._last["exclusion"] = excl.detach()
         if self.unannotated_weight > 0 and not bool(mask.all()):
             unannotated = ~mask  # their targets are 0 (PartialLabelToChannelsd): the BCE towards background
-            weak = torch.where(unannotated, bce, zero).sum() / unannotated.sum().to(bce.dtype)
+            term = bce
+            if self.unannotated_cap > 0:  # rho / mean p where the channel predicts more than rho of the crop
+                share = (p_sum.detach() / z.shape[-1]).clamp_min(self.unannotated_cap)
+                term = bce * (self.unannotated_cap / share)
+            weak = torch.where(unannotated, term, zero).sum() / unannotated.sum().to(bce.dtype)
             loss = loss + self.unannotated_weight * weak
             self._last["unannotated"] = weak.detach()
         return loss

@@ -119,7 +119,8 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
     ``bce_pos_fraction_rois`` (``{ROI name: fraction}`` for single ROIs, above both and above
     ``bce_pos_on``) and
     ``exclusion_weight``, ``unannotated_weight`` (the naive baseline's background targets for the unannotated
-    channels, BCE only, at that weight) and ``roi_loss_weights`` (``{ROI name: weight}``, the weight of that ROI's
+    channels, BCE only, at that weight), ``unannotated_cap`` (that term's bound where a channel predicts much of the
+    crop) and ``roi_loss_weights`` (``{ROI name: weight}``, the weight of that ROI's
     pairs in the BCE and Dice means) (all off by default; :class:`cdpdnet.loss.PartialLabelLoss`). ``naive``: the
     baseline that takes unannotated ROIs as background (no exclusion term: every channel is supervised)."""
     log_dice = t.get("log_dice", False)
@@ -151,10 +152,11 @@ def loss_from_preset(t: dict, naive: bool = False) -> PartialLabelLoss:
               pos_channels=pos_channels)
     excl = _number(t, "exclusion_weight", 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)")
     weak = _number(t, "unannotated_weight", 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)")
+    cap = _number(t, "unannotated_cap", 0.0, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = no cap)")
     if naive:
         return NaiveBackgroundLoss(**kw)
     return PartialLabelLoss(**kw, exclusion=exclusion_matrix() if excl else None, exclusion_weight=excl,
-                            unannotated_weight=weak)
+                            unannotated_weight=weak, unannotated_cap=cap)
 
 
 @dataclass

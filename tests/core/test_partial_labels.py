@@ -656,3 +656,30 @@ def test_unannotated_weight_adds_weak_background_targets_to_unannotated_channels
     assert float(weak_loss(logits, target, everything)) == pytest.approx(float(PartialLabelLoss()(logits, target, everything)))
     with pytest.raises(ValueError, match="unannotated_weight must be >= 0"):
         PartialLabelLoss(unannotated_weight=-1)
+
+
+def test_unannotated_cap_bounds_the_weak_push_where_a_channel_predicts_much_of_the_crop():
+    """``unannotated_cap`` rho: an unannotated pair whose mean probability exceeds rho has its weak term scaled by
+    rho / mean p (the factor carries no gradient); a pair below rho, and every annotated pair, keep their gradient."""
+    B, C, shape = 2, 3, (6, 5, 4)
+    logits = torch.full((B, C, *shape), -6.0)  # p ~ 0.0025 everywhere ...
+    logits[0, 1, :3] = 4.0  # ... but a large predicted ROI (half of the crop) in an unannotated pair
+    logits[1, 2, 0, 0, :2] = 4.0  # and a small one (2 voxels of 120) in another
+    target = torch.zeros(B, C, *shape, dtype=torch.uint8)
+    target[:, 0, 2:4] = 1
+    annotated = torch.tensor([[True, False, False], [True, True, False]])
+    rho = 0.05
+    z_weak, z_cap = (logits.clone().requires_grad_(True) for _ in range(2))
+    weak = PartialLabelLoss(unannotated_weight=0.1)
+    weak(z_weak, target, annotated).backward()
+    capped = PartialLabelLoss(unannotated_weight=0.1, unannotated_cap=rho)
+    capped(z_cap, target, annotated).backward()
+    mean_p = torch.sigmoid(logits).flatten(2).mean(-1)
+    assert float(mean_p[0, 1]) > 0.4 and float(mean_p[1, 2]) < rho and float(mean_p[0, 2]) < rho
+    assert torch.allclose(z_cap.grad[0, 1], z_weak.grad[0, 1] * rho / mean_p[0, 1], rtol=1e-5)
+    for b, c in ((1, 2), (0, 2)):  # below the cap: the full push
+        assert torch.allclose(z_cap.grad[b, c], z_weak.grad[b, c])
+    assert torch.allclose(z_cap.grad[annotated], z_weak.grad[annotated])
+    assert capped.components()["unannotated"] < weak.components()["unannotated"]
+    with pytest.raises(ValueError, match=r"unannotated_cap must be in \[0, 1\]"):
+        PartialLabelLoss(unannotated_weight=0.1, unannotated_cap=1.5)

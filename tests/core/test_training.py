@@ -126,11 +126,13 @@ def _lesion_mask():
      lambda f: f.exclusion_weight == 0.5 and f.exclusion is not None and int(f.exclusion.sum()) > 0),
     ("unannotated_weight", 0.1, -0.1, r"train.unannotated_weight must be a number >= 0",
      lambda f: f.unannotated_weight == 0.1),
+    ("unannotated_cap", 0.01, 2, r"train.unannotated_cap must be a number in \[0, 1\]",
+     lambda f: f.unannotated_cap == 0.01),
 ])
 def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, message, applied):
     """``train.log_dice`` / ``focal_gamma`` / ``focal_on`` / ``bce_pos_fraction`` / ``bce_pos_on`` /
     ``bce_pos_fraction_lesions`` / ``bce_pos_fraction_rois`` / ``roi_loss_weights`` / ``exclusion_weight`` /
-    ``unannotated_weight`` reach the loss the
+    ``unannotated_weight`` / ``unannotated_cap`` reach the loss the
     trainer uses (off by default); a bad value (or an unknown ROI) is refused with a message that names it."""
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
@@ -146,7 +148,7 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
     plain = Trainer(dl.training, "tiny", _cfg(tmp_path / "run")).loss_fn
     assert not plain.log_dice and plain.focal_gamma == 0.0 and plain.focal_channels is None and plain.pos_fraction == 0
     assert plain.pos_channels is None and plain.exclusion is None and plain.pair_weights is None
-    assert plain.unannotated_weight == 0
+    assert plain.unannotated_weight == 0 and plain.unannotated_cap == 0
 
 
 BENCH_PRESETS = Path(__file__).parents[2] / "bench" / "presets"
