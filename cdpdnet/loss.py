@@ -166,6 +166,9 @@ class PartialLabelLoss(nn.Module):
             raise ValueError(f"unannotated_weight must be >= 0, got {unannotated_weight!r}")
         if not 0 <= float(unannotated_cap) <= 1:
             raise ValueError(f"unannotated_cap must be in [0, 1] (0 = no cap), got {unannotated_cap!r}")
+        if float(unannotated_cap) > 0 and not float(unannotated_weight) > 0:
+            raise ValueError(f"unannotated_cap ({unannotated_cap}) bounds the weak term of unannotated_weight, which is 0 "
+                             "(off): set unannotated_weight > 0 too, or leave the cap at 0")
         self.unannotated_weight = float(unannotated_weight)
         self.unannotated_cap = float(unannotated_cap)
         self.log_dice = bool(log_dice)

@@ -543,7 +543,8 @@ class Trainer:
 
         return UniformSourceDataset(self.samples, transform, length=self.iters * self.batch_size,
                                     seed=self.cfg.seed + 7919 * self.dist.rank,
-                                    source_weights=self.preset.train.get("source_weights") or None)
+                                    source_weights=self.preset.train.get("source_weights") or None,
+                                    sampling=self.preset.train.get("source_sampling", "uniform"))
 
     def _payload(self, epoch: int, with_optimizer: bool, metrics: dict) -> dict:
         text = {k: v for k, v in self.text.items() if not torch.is_tensor(v)}

@@ -3,11 +3,13 @@
 from .datalist import DataList, LabelResolution, load_datalist, resolve_label_names
 from .samples import PartialSample, annotated_values, annotated_vector, split_by_source
 from .transforms import (
+    SOURCE_SAMPLING,
     PartialLabelToChannelsd,
     RemapLabelValuesd,
     UniformSourceDataset,
     label_to_channels,
     lesion_host_table,
+    rarest_roi_weights,
 )
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "RemapLabelValuesd",
     "PartialLabelToChannelsd",
     "UniformSourceDataset",
+    "SOURCE_SAMPLING",
+    "rarest_roi_weights",
     "label_to_channels",
     "lesion_host_table",
 ]

@@ -13,7 +13,7 @@ always sees its host organ (the reference also builds ``post_label`` on whole vo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from cdpdnet.taxonomy import NUM_CLASSES, ROI_BY_NAME, ROIS
 from .samples import PartialSample, annotated_vector, split_by_source
 
 __all__ = ["RemapLabelValuesd", "PartialLabelToChannelsd", "UniformSourceDataset", "lesion_host_table",
-           "label_to_channels"]
+           "label_to_channels", "rarest_roi_weights", "SOURCE_SAMPLING"]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -225,6 +225,33 @@ class PartialLabelToChannelsd(MapTransform):
         return d
 
 
+SOURCE_SAMPLING = ("uniform", "rarest_roi")
+
+
+def rarest_roi_weights(annotated: Mapping[str, Iterable[int]]) -> dict[str, float]:
+    """Sampling weight of each source: 1 / (the number of sources that annotate its rarest ROI).
+
+    ``annotated`` maps each source to the ROI values (1..32) it annotates. With the reference's uniform
+    sampler an ROI that one of 16 sources annotates is annotated in 1 sample of 16, however many ROIs
+    that source brings; weighted this way each source's rarest ROI is annotated about equally often
+    (a source that shares its rarest ROI with k - 1 others gets 1 / k), and a source whose ROIs all
+    have other sources too is drawn less often but still drawn. The 16 sampling keys of the reference
+    (:func:`cdpdnet.taxonomy.sampling_keys`): the 10 keys with an ROI of their own get 1, the two
+    liver-tumour keys 1/2 each, the other 4 keys 1/4 to 1/10, so each of the 17 single-key ROIs (and
+    the liver tumour) is annotated in 1 sample of 11.6 instead of 16. Where every source has an ROI of its own (the benchmark's 5
+    phantom sources), all weights are 1: the uniform sampler. Weights, not probabilities.
+    """
+    counts: dict[int, int] = {}
+    rois = {s: {int(r) for r in v} for s, v in annotated.items()}
+    for v in rois.values():
+        for r in v:
+            counts[r] = counts.get(r, 0) + 1
+    empty = sorted(s for s, v in rois.items() if not v)
+    if empty:
+        raise ValueError(f"sources that annotate no ROI cannot be weighted by their rarest ROI: {empty}")
+    return {s: 1.0 / min(counts[r] for r in v) for s, v in rois.items()}
+
+
 class UniformSourceDataset(torch.utils.data.Dataset):
     """Uniform sampling over source datasets (reference ``UniformDataset``, section 4).
 
@@ -237,12 +264,15 @@ class UniformSourceDataset(torch.utils.data.Dataset):
 
     ``source_weights`` (``{source: weight > 0}``, the others 1; not in the reference) draws item ``i``'s
     source at random in proportion to the weights instead, from the same ``(seed, epoch, i)`` generator,
-    so that a source whose ROIs are learned last can be sampled more often.
+    so that a source whose ROIs are learned last can be sampled more often. ``sampling="rarest_roi"``
+    (not in the reference; ``"uniform"`` by default) draws the sources in proportion to
+    :func:`rarest_roi_weights` instead, times ``source_weights`` where both are given.
     """
 
     def __init__(self, samples: Sequence[PartialSample] | Mapping[str, Sequence[PartialSample]],
                  transform: Callable[[dict], Any] | None = None, length: int | None = None, seed: int = 0,
-                 sources: Sequence[str] | None = None, source_weights: Mapping[str, float] | None = None) -> None:
+                 sources: Sequence[str] | None = None, source_weights: Mapping[str, float] | None = None,
+                 sampling: str = "uniform") -> None:
         groups = dict(samples) if isinstance(samples, Mapping) else split_by_source(samples)
         if sources is not None:
             missing = [s for s in sources if s not in groups or not groups[s]]
@@ -253,7 +283,12 @@ class UniformSourceDataset(torch.utils.data.Dataset):
         if not self.groups:
             raise ValueError("UniformSourceDataset needs at least one sample")
         self.source_names = list(self.groups)
-        self.source_p = None
+        if sampling not in SOURCE_SAMPLING:
+            raise ValueError(f"source sampling must be one of {SOURCE_SAMPLING}, got {sampling!r}")
+        w = np.ones(len(self.source_names))
+        if sampling == "rarest_roi":
+            rarest = rarest_roi_weights({s: {r for c in v for r in c.annotated} for s, v in self.groups.items()})
+            w = np.array([rarest[s] for s in self.source_names])
         if source_weights:
             if not isinstance(source_weights, Mapping):
                 raise ValueError(f"source_weights must be a mapping {{source name: weight > 0}}, got {source_weights!r}")
@@ -264,8 +299,8 @@ class UniformSourceDataset(torch.utils.data.Dataset):
             for name, v in source_weights.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not (np.isfinite(v) and v > 0):
                     raise ValueError(f"source_weights[{name!r}] must be a number > 0, got {v!r}")
-            w = np.array([float(source_weights.get(s, 1.0)) for s in self.source_names])
-            self.source_p = w / w.sum()
+            w = w * np.array([float(source_weights.get(s, 1.0)) for s in self.source_names])
+        self.source_p = w / w.sum() if sampling != "uniform" or source_weights else None
         self.transform = transform
         self.length = int(length) if length is not None else sum(len(v) for v in self.groups.values())
         self.seed = int(seed)

@@ -19,11 +19,13 @@ from cdpdnet.data import (
     UniformSourceDataset,
     annotated_vector,
     load_datalist,
+    rarest_roi_weights,
     resolve_label_names,
     split_by_source,
 )
 from cdpdnet.loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss, softplus
-from cdpdnet.taxonomy import NUM_CLASSES, roi_index
+from cdpdnet.phantoms import PHANTOM_SOURCES
+from cdpdnet.taxonomy import NUM_CLASSES, roi_index, sampling_keys
 
 LIVER, LIVER_TUMOR = roi_index("liver"), roi_index("liver_tumor")
 K_R, K_L, K_TUM, K_CYST = (roi_index(n) for n in ("kidney_right", "kidney_left", "kidney_tumor", "kidney_cyst"))
@@ -611,6 +613,40 @@ def test_uniform_source_dataset_visits_each_source_equally():
     assert len(ds2) == 30 and ds2[1] == "B"
 
 
+def test_rarest_roi_weights_annotate_each_sources_rarest_roi_equally_often():
+    """With the reference's 16 sampling keys the 17 ROIs one key labels (and the liver tumour, two keys)
+    are each annotated in 1 sample of 11.6 instead of 16; every key is still drawn; sources that each
+    have an ROI of their own (the benchmark's phantom sources) keep the uniform sampler."""
+    keys = sampling_keys()
+    w = rarest_roi_weights(keys)
+    assert set(w) == set(keys) and all(v > 0 for v in w.values())
+    assert w["10_06"] == w["07"] == w["12"] == 1.0 and w["04"] == w["10_03"] == 0.5 and w["03"] == 0.1
+    total = sum(w.values())
+    share = {r: sum(w[k] for k, v in keys.items() if r in v) / total for r in range(1, NUM_CLASSES + 1)}
+    single = [r for r in share if sum(r in v for v in keys.values()) == 1]
+    assert len(single) == 17 and min(share.values()) == pytest.approx(1 / total)
+    assert all(share[r] == pytest.approx(1 / total) for r in single + [roi_index("liver_tumor")])
+    assert 1 / total > 1.3 / len(keys)  # against the uniform sampler's 1 in 16
+    assert rarest_roi_weights({s: [roi_index(n) for n in v] for s, v in PHANTOM_SOURCES.items()}) == \
+        {s: 1.0 for s in PHANTOM_SOURCES}
+    with pytest.raises(ValueError, match=r"sources that annotate no ROI .*\['B'\]"):
+        rarest_roi_weights({"A": [1], "B": []})
+
+
+def test_rarest_roi_sampling_draws_sources_by_those_weights_times_source_weights():
+    samples = ([PartialSample(f"a{i}", None, (1, 2), "A") for i in range(3)]    # liver + its own ROI 2
+               + [PartialSample(f"b{i}", None, (1,), "B") for i in range(3)]    # liver only: 1/3
+               + [PartialSample(f"c{i}", None, (1, 6), "C") for i in range(3)])  # liver + its own ROI 6
+    ds = UniformSourceDataset(samples, length=7000, seed=3, sampling="rarest_roi")
+    counts = Counter(ds.pick(i).source for i in range(len(ds)))
+    assert abs(counts["B"] / 7000 - 1 / 7) < 0.02 and abs(counts["A"] / 7000 - 3 / 7) < 0.02
+    both = UniformSourceDataset(samples, length=7000, seed=3, sampling="rarest_roi", source_weights={"B": 3})
+    assert np.allclose(both.source_p, [1 / 3, 1 / 3, 1 / 3])
+    assert UniformSourceDataset(samples, sampling="uniform").source_p is None
+    with pytest.raises(ValueError, match=r"source sampling must be one of \('uniform', 'rarest_roi'\), got 'rare'"):
+        UniformSourceDataset(samples, sampling="rare")
+
+
 def test_source_weights_draw_a_source_in_proportion_and_refuse_unknown_sources():
     samples = ([PartialSample(f"a{i}", None, (1,), "A") for i in range(3)]
                + [PartialSample(f"b{i}", None, (6,), "B") for i in range(3)]
@@ -683,3 +719,5 @@ def test_unannotated_cap_bounds_the_weak_push_where_a_channel_predicts_much_of_t
     assert capped.components()["unannotated"] < weak.components()["unannotated"]
     with pytest.raises(ValueError, match=r"unannotated_cap must be in \[0, 1\]"):
         PartialLabelLoss(unannotated_weight=0.1, unannotated_cap=1.5)
+    with pytest.raises(ValueError, match=r"unannotated_cap \(0.01\) bounds the weak term of unannotated_weight, which is 0"):
+        PartialLabelLoss(unannotated_cap=0.01)

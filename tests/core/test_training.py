@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cdpdnet.checkpoint import load_checkpoint
-from cdpdnet.data import load_datalist
+from cdpdnet.data import load_datalist, rarest_roi_weights
 from cdpdnet.factory import model_from_checkpoint
 from cdpdnet.phantoms import PHANTOM_SOURCES, write_phantom_dataset
 from cdpdnet.preset import load_preset
@@ -105,6 +106,10 @@ def _lesion_mask():
     return [r.is_lesion for r in ROIS]
 
 
+# an option that works only with another one set
+_LOSS_OPTIONS_NEEDED = {"unannotated_cap": {"unannotated_weight": 0.1}}
+
+
 @pytest.mark.parametrize("key, good, bad, message, applied", [
     ("log_dice", True, "yes", "train.log_dice must be true or false", lambda f: f.log_dice),
     ("focal_gamma", 2.0, -1.0, "train.focal_gamma must be a number >= 0", lambda f: f.focal_gamma == 2.0),
@@ -137,6 +142,7 @@ def test_loss_options_from_the_preset(phantoms, tmp_path, key, good, bad, messag
     _, dl = phantoms
     d = load_preset("tiny").to_dict()
     d["name"] = "tiny-loss"
+    d["train"].update(_LOSS_OPTIONS_NEEDED.get(key, {}))
     for value in (good, bad):
         d["train"][key] = value
         (tmp_path / "p.json").write_text(json.dumps(d))
@@ -635,5 +641,25 @@ def test_train_source_weights_reach_the_sampler_and_a_wrong_source_is_named(phan
     d["train"]["source_weights"] = {"phantom_lung": 2}
     (tmp_path / "q.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"sources without samples: \['phantom_lung'\]; the sources are \['phantom_btcv'"):
+        Trainer(dl.training, str(tmp_path / "q.json"), _cfg(tmp_path / "bad")).run()
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_train_source_sampling_reaches_the_sampler_and_a_wrong_value_is_named(phantoms, tmp_path):
+    """``train.source_sampling`` ``"rarest_roi"`` (off in every preset) draws the sources by
+    :func:`cdpdnet.data.rarest_roi_weights` of what they annotate; a value it does not know stops the
+    run before its first step, naming the values there are."""
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"], d["train"]["source_sampling"] = "tiny-rare", "rarest_roi"
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    ds = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))._dataset()
+    annotated = {s: {r for c in dl.training if c.source == s for r in c.annotated} for s in ds.source_names}
+    w = np.array([rarest_roi_weights(annotated)[s] for s in ds.source_names])
+    assert ds.source_p is not None and np.allclose(ds.source_p, w / w.sum())
+    assert Trainer(dl.training, "tiny", _cfg(tmp_path / "plain"))._dataset().source_p is None
+    d["train"]["source_sampling"] = "balanced"
+    (tmp_path / "q.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"source sampling must be one of \('uniform', 'rarest_roi'\), got 'balanced'"):
         Trainer(dl.training, str(tmp_path / "q.json"), _cfg(tmp_path / "bad")).run()
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
