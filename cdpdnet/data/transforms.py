@@ -238,8 +238,9 @@ def rarest_roi_weights(annotated: Mapping[str, Iterable[int]]) -> dict[str, floa
     have other sources too is drawn less often but still drawn. The 16 sampling keys of the reference
     (:func:`cdpdnet.taxonomy.sampling_keys`): the 10 keys with an ROI of their own get 1, the two
     liver-tumour keys 1/2 each, the other 4 keys 1/4 to 1/10, so each of the 17 single-key ROIs (and
-    the liver tumour) is annotated in 1 sample of 11.6 instead of 16. Where every source has an ROI of its own (the benchmark's 5
-    phantom sources), all weights are 1: the uniform sampler. Weights, not probabilities.
+    the liver tumour) is annotated in 1 sample of 11.6 instead of 16. Where every source has an ROI of
+    its own (the benchmark's 5 phantom sources), all weights are 1: the uniform sampler. Weights, not
+    probabilities.
     """
     counts: dict[int, int] = {}
     rois = {s: {int(r) for r in v} for s, v in annotated.items()}
