@@ -13,6 +13,7 @@ always sees its host organ (the reference also builds ``post_label`` on whole vo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -242,11 +243,8 @@ def rarest_roi_weights(annotated: Mapping[str, Iterable[int]]) -> dict[str, floa
     its own (the benchmark's 5 phantom sources), all weights are 1: the uniform sampler. Weights, not
     probabilities.
     """
-    counts: dict[int, int] = {}
     rois = {s: {int(r) for r in v} for s, v in annotated.items()}
-    for v in rois.values():
-        for r in v:
-            counts[r] = counts.get(r, 0) + 1
+    counts = Counter(r for v in rois.values() for r in v)
     empty = sorted(s for s, v in rois.items() if not v)
     if empty:
         raise ValueError(f"sources that annotate no ROI cannot be weighted by their rarest ROI: {empty}")
