@@ -47,7 +47,7 @@ from monai.transforms import (
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import keep_freed_memory, memory_format, use_bf16
-from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset
+from .data import PartialLabelToChannelsd, PartialSample, RemapLabelValuesd, UniformSourceDataset, roi_source_counts, source_rois
 from .factory import LoadedModel, build_model, checkpoint_payload, model_from_checkpoint
 from .loss import DeepSupervisionLoss, NaiveBackgroundLoss, PartialLabelLoss
 from .preprocessing import left_right_axis, preprocess_transforms
@@ -303,17 +303,36 @@ def crop_policy(preset: Preset) -> str:
     """``train.crop`` of a preset: ``"posneg"`` (the reference's pos/neg and lesion-class crops) or
     ``"classes"`` (class-balanced: each crop centred on a voxel of an annotated ROI drawn uniformly,
     or on background with weight ``train.background_ratio``; lesion ROIs weigh ``train.lesion_ratio``,
-    default 1, and ``train.roi_crop_weights`` (``{ROI name: factor}``) multiplies single ROIs' weights)."""
+    default 1, and ``train.roi_crop_weights`` (``{ROI name: factor}``) multiplies single ROIs' weights;
+    ``train.crop_roi_weighting`` ``"rarity"`` divides each ROI's weight by the number of sources that
+    annotate it, see :class:`_RandomCrops`)."""
     policy = preset.train.get("crop", "posneg")
     if policy not in ("posneg", "classes"):
         raise ValueError(f"unknown crop policy train.crop={policy!r}: use 'posneg' or 'classes'")
+    weighting = preset.train.get("crop_roi_weighting", "uniform")
+    if weighting not in CROP_ROI_WEIGHTING:
+        raise ValueError(f"train.crop_roi_weighting must be one of {CROP_ROI_WEIGHTING}, got {weighting!r}")
+    if weighting != "uniform" and policy != "classes":
+        raise ValueError(f"train.crop_roi_weighting={weighting!r} weights the class-balanced crops: "
+                         f"set train.crop to 'classes' (it is {policy!r})")
     return policy
 
 
-class _RandomCrops:
-    """Per volume: ``num_samples`` crops (see :func:`crop_policy`), augmentation, targets."""
+CROP_ROI_WEIGHTING = ("uniform", "rarity")
 
-    def __init__(self, preset: Preset, num_samples: int, seed: int):
+
+class _RandomCrops:
+    """Per volume: ``num_samples`` crops (see :func:`crop_policy`), augmentation, targets.
+
+    ``roi_sources`` (``{ROI value: number of sources annotating it}``) is needed for
+    ``train.crop_roi_weighting: "rarity"`` (not in the reference; ``"uniform"`` by default): a class-balanced
+    crop is then centred on an annotated ROI with a weight divided by that number, so that within a source
+    the ROIs few sources annotate (the pelvic and bowel ROIs of the reference's key 07, the prostate of
+    key 09) get the crops its liver and kidneys, which ten sources annotate, would have had. The weights
+    are rescaled per case to their unweighted sum, so the share of background crops stays as set.
+    """
+
+    def __init__(self, preset: Preset, num_samples: int, seed: int, roi_sources: dict[int, int] | None = None):
         t = preset.train
         patch = preset.patch_size
         keys = ["image", "label"]
@@ -322,6 +341,11 @@ class _RandomCrops:
         self.roi_weights = np.array([float(t.get("lesion_ratio", 1.0)) if r.is_lesion else 1.0 for r in ROIS])
         for index, factor in _roi_numbers(t, "roi_crop_weights", lambda v: v >= 0, "a weight >= 0").items():
             self.roi_weights[index - 1] *= factor
+        self.roi_rarity = None
+        if t.get("crop_roi_weighting", "uniform") == "rarity":
+            if not roi_sources:
+                raise ValueError("train.crop_roi_weighting='rarity' needs the number of sources annotating each ROI")
+            self.roi_rarity = np.array([1.0 / roi_sources.get(v, 1) for v in range(1, NUM_CLASSES + 1)])
         self.balanced = RandCropByLabelClassesd(keys, "label", patch, ratios=[1.0] * (NUM_CLASSES + 1),
                                                 num_classes=NUM_CLASSES + 1, num_samples=num_samples,
                                                 indices_key="label_indices", allow_smaller=True, warn=False)
@@ -382,7 +406,10 @@ class _RandomCrops:
         lesions = any(ROIS[v - 1].is_lesion for v in np.flatnonzero(annotated) + 1)
         if self.policy == "classes":
             # ROIs without voxels in this case get no crops (MONAI drops empty classes from the ratios)
-            self.balanced.cropper.ratios = [self.background_ratio] + [float(w) for w in annotated * self.roi_weights]
+            weights = annotated * self.roi_weights
+            if self.roi_rarity is not None and (weights * self.roi_rarity).sum() > 0:
+                weights = weights * self.roi_rarity * (weights.sum() / (weights * self.roi_rarity).sum())
+            self.balanced.cropper.ratios = [self.background_ratio] + [float(w) for w in weights]
             crops = self.balanced({k: d[k] for k in ("image", "label", "label_indices")})
         elif lesions:
             crops = self.by_class({k: d[k] for k in ("image", "label", "classes")})
@@ -533,7 +560,8 @@ class Trainer:
 
     def _dataset(self) -> UniformSourceDataset:
         cache = _CaseCache(self.preset)
-        crops = _RandomCrops(self.preset, self.num_samples, self.cfg.seed + 1000 * self.dist.rank)
+        crops = _RandomCrops(self.preset, self.num_samples, self.cfg.seed + 1000 * self.dist.rank,
+                             roi_sources=dict(roi_source_counts(source_rois(self.samples))))
         index = self.task_index
 
         def transform(d: dict) -> list[dict]:
@@ -541,6 +569,7 @@ class Trainer:
             x["task_id"] = index.get(d["source"], -1)
             return crops(x)
 
+        transform.crops = crops  # type: ignore[attr-defined]  # the crop sampler, for inspection
         return UniformSourceDataset(self.samples, transform, length=self.iters * self.batch_size,
                                     seed=self.cfg.seed + 7919 * self.dist.rank,
                                     source_weights=self.preset.train.get("source_weights") or None,

@@ -10,6 +10,8 @@ from .transforms import (
     label_to_channels,
     lesion_host_table,
     rarest_roi_weights,
+    roi_source_counts,
+    source_rois,
 )
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "UniformSourceDataset",
     "SOURCE_SAMPLING",
     "rarest_roi_weights",
+    "roi_source_counts",
+    "source_rois",
     "label_to_channels",
     "lesion_host_table",
 ]

@@ -28,7 +28,7 @@ from cdpdnet.taxonomy import NUM_CLASSES, ROI_BY_NAME, ROIS
 from .samples import PartialSample, annotated_vector, split_by_source
 
 __all__ = ["RemapLabelValuesd", "PartialLabelToChannelsd", "UniformSourceDataset", "lesion_host_table",
-           "label_to_channels", "rarest_roi_weights", "SOURCE_SAMPLING"]
+           "label_to_channels", "rarest_roi_weights", "roi_source_counts", "source_rois", "SOURCE_SAMPLING"]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -229,6 +229,17 @@ class PartialLabelToChannelsd(MapTransform):
 SOURCE_SAMPLING = ("uniform", "rarest_roi")
 
 
+def source_rois(samples: Iterable[PartialSample]) -> dict[str, set[int]]:
+    """The ROI values (1..32) that each source annotates in any of its samples, by source."""
+    return {s: {int(r) for c in v for r in c.annotated} for s, v in split_by_source(samples).items()}
+
+
+def roi_source_counts(annotated: Mapping[str, Iterable[int]]) -> Counter:
+    """How many sources annotate each ROI value, from ``{source: ROI values}`` (ROIs no source
+    annotates are absent)."""
+    return Counter(int(r) for v in annotated.values() for r in set(v))
+
+
 def rarest_roi_weights(annotated: Mapping[str, Iterable[int]]) -> dict[str, float]:
     """Sampling weight of each source: 1 / (the number of sources that annotate its rarest ROI).
 
@@ -244,7 +255,7 @@ def rarest_roi_weights(annotated: Mapping[str, Iterable[int]]) -> dict[str, floa
     probabilities.
     """
     rois = {s: {int(r) for r in v} for s, v in annotated.items()}
-    counts = Counter(r for v in rois.values() for r in v)
+    counts = roi_source_counts(rois)
     empty = sorted(s for s, v in rois.items() if not v)
     if empty:
         raise ValueError(f"sources that annotate no ROI cannot be weighted by their rarest ROI: {empty}")

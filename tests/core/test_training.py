@@ -452,6 +452,73 @@ def test_roi_crop_weights_favour_single_rois(phantoms):
         crops({"kidney_cyst": -1.0})
 
 
+def test_crop_roi_weighting_rarity_centres_crops_on_the_rois_few_sources_annotate(phantoms):
+    """``train.crop_roi_weighting`` ``"rarity"`` divides each annotated ROI's crop weight by the number of
+    sources that annotate it and rescales them to their plain sum, so a source's rare ROIs get the crops
+    of its common ones and the background share stays; it needs the class-balanced crops."""
+    import numpy as np
+
+    from cdpdnet.data import annotated_vector
+    from cdpdnet.preset import load_preset
+    from cdpdnet.taxonomy import roi
+    from cdpdnet.training import _CaseCache, _RandomCrops
+
+    _, dl = phantoms
+    s = next(x for x in dl.training if x.source == "phantom_kidney")
+    names = ("kidney_right", "kidney_left", "kidney_tumor", "kidney_cyst")
+    values = [roi(n).index for n in names]
+    counts = dict(zip(values, (9, 9, 1, 1)))  # the kidneys annotated by nine sources, the lesions by one
+
+    def sampled(weighting: str) -> tuple[list[float], float]:
+        preset = load_preset("tiny", {"patch_size": [16, 8, 8], "train": {
+            "crop": "classes", "background_ratio": 0.5, "crop_roi_weighting": weighting}})
+        d = _CaseCache(preset)({"image": s.image, "label": s.label})
+        d.update(annotated=annotated_vector(values), task_id=0)
+        crops = _RandomCrops(preset, num_samples=128, seed=0, roi_sources=counts)
+        out = crops(d)
+        with_lesion = np.mean([any(bool(c["target"][v - 1].any()) for v in values[2:]) for c in out])
+        return list(crops.balanced.cropper.ratios), float(with_lesion)
+
+    plain, plain_lesion = sampled("uniform")
+    rare, rare_lesion = sampled("rarity")
+    ratio = {v: rare[v] for v in values}
+    assert rare[0] == plain[0] == 0.5 and np.isclose(sum(ratio.values()), 4.0)  # background share kept
+    # 1/9, 1/9, 1, 1 rescaled to sum to 4: 0.2 for each kidney, 1.8 for each lesion
+    assert np.allclose([ratio[v] for v in values], [0.2, 0.2, 1.8, 1.8])
+    assert [plain[v] for v in values] == [1.0] * 4
+    # centred on a lesion: 2 of 4.5 weights, then 3.6 of 4.5; the crops without a lesion fall by a quarter or more
+    assert 1.0 - rare_lesion < 0.75 * (1.0 - plain_lesion), (plain_lesion, rare_lesion)
+
+
+def test_train_crop_roi_weighting_counts_the_training_sources_and_a_wrong_setting_is_named(phantoms, tmp_path):
+    """The trainer gives the crop sampler the number of its sources that annotate each ROI; an unknown
+    ``train.crop_roi_weighting`` or ``"rarity"`` with the reference's pos/neg crops stops the run before
+    its first step, naming the setting."""
+    from collections import Counter
+
+    _, dl = phantoms
+    d = load_preset("tiny").to_dict()
+    d["name"] = "tiny-rare-crops"
+    d["train"].update(crop="classes", crop_roi_weighting="rarity")
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    crops = Trainer(dl.training, str(tmp_path / "p.json"), _cfg(tmp_path / "run"))._dataset().transform.crops
+    rois = {c.source: set() for c in dl.training}
+    for c in dl.training:
+        rois[c.source] |= set(c.annotated)
+    counts = Counter(r for v in rois.values() for r in v)
+    assert len(set(counts.values())) > 1  # some ROIs are annotated by more sources than others
+    assert np.allclose(crops.roi_rarity, [1.0 / counts.get(v, 1) for v in range(1, 33)])
+    assert Trainer(dl.training, "tiny", _cfg(tmp_path / "plain"))._dataset().transform.crops.roi_rarity is None
+    for setting, message in (({"crop_roi_weighting": "rare"}, r"crop_roi_weighting must be one of \('uniform', 'rarity'\), got 'rare'"),
+                             ({"crop": "posneg"}, r"crop_roi_weighting='rarity' weights the class-balanced crops: "
+                                                  r"set train.crop to 'classes' \(it is 'posneg'\)")):
+        d["train"].update({"crop": "classes", "crop_roi_weighting": "rarity", **setting})
+        (tmp_path / "q.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=message):
+            Trainer(dl.training, str(tmp_path / "q.json"), _cfg(tmp_path / "bad")).run()
+        assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
 def _augmenter(train: dict, seed: int = 0):
     from cdpdnet.preset import load_preset
     from cdpdnet.training import _RandomCrops
