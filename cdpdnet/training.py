@@ -407,8 +407,9 @@ class _RandomCrops:
         if self.policy == "classes":
             # ROIs without voxels in this case get no crops (MONAI drops empty classes from the ratios)
             weights = annotated * self.roi_weights
-            if self.roi_rarity is not None and (weights * self.roi_rarity).sum() > 0:
-                weights = weights * self.roi_rarity * (weights.sum() / (weights * self.roi_rarity).sum())
+            rare = None if self.roi_rarity is None else weights * self.roi_rarity
+            if rare is not None and rare.sum() > 0:
+                weights = rare * (weights.sum() / rare.sum())
             self.balanced.cropper.ratios = [self.background_ratio] + [float(w) for w in weights]
             crops = self.balanced({k: d[k] for k in ("image", "label", "label_indices")})
         elif lesions:
