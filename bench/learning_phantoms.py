@@ -92,9 +92,6 @@ def main() -> None:
     ap.add_argument("--subgrids", type=int, choices=(1, 2, 4, 8),
                     help="with --rescore: infer.subgrids instead of the checkpoint preset's (grids shifted by half a voxel, "
                          "their probabilities averaged)")
-    ap.add_argument("--lesion-overlap", choices=("order", "probability"),
-                    help="with --rescore: infer.lesion_overlap instead of the checkpoint preset's (who wins a voxel two "
-                         "lesion channels keep: the lesion painted last, or the likelier)")
     ap.add_argument("--test-data", help="with --rescore: the test split of this dataset.json instead of --out's phantoms "
                                         "(e.g. fresh held-out phantoms: python -m cdpdnet phantoms DIR --per-source 0 "
                                         "--heldout 4 --seed 7)")
@@ -112,7 +109,7 @@ def main() -> None:
         dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
         infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap, "lesion_mirror": a.lesion_mirror,
                  "lesion_mirror_rois": a.lesion_mirror_rois.split(",") if a.lesion_mirror_rois else None,
-                 "subgrids": a.subgrids, "lesion_overlap": a.lesion_overlap,
+                 "subgrids": a.subgrids,
                  "roi_thresholds": json.loads(Path(a.roi_thresholds).read_text()) if a.roi_thresholds else None}
         results = {loss: evaluate(str(out / loss / "model.pt"), dl.test, a.threshold, **infer) for loss in meta
                    if a.only is None or loss == a.only}
@@ -124,7 +121,6 @@ def main() -> None:
                + (f"-lm{a.lesion_mirror}" if a.lesion_mirror else "")
                + ("-" + a.lesion_mirror_rois.replace(",", "+") if a.lesion_mirror_rois else "")
                + (f"-sg{a.subgrids}" if a.subgrids else "")
-               + (f"-lo{a.lesion_overlap}" if a.lesion_overlap else "")
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, _training_sources(load_datalist(out / "phantoms" / "dataset.json")),
                 suffix=tag)  # the training run's own report stays

@@ -86,7 +86,7 @@ def cmd_infer(a) -> int:
     per_roi = infer_roi_thresholds(loaded.preset.infer.get("roi_thresholds"), a.roi_threshold, not a.no_roi_thresholds)
     seg = Segmenter(loaded, device=a.device, overlap=a.overlap, threshold=a.threshold,
                     lesion_threshold=a.lesion_threshold, roi_thresholds=per_roi, postprocess=not a.no_postprocess,
-                    lesion_mirror=a.lesion_mirror, subgrids=a.subgrids, lesion_overlap=a.lesion_overlap)
+                    lesion_mirror=a.lesion_mirror, subgrids=a.subgrids)
     inputs = [Path(p) for p in a.input]
     out = Path(a.output)
     if len(inputs) > 1 and out.suffix:
@@ -235,9 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subgrids", type=int, choices=(1, 2, 4, 8),
                    help="read the volume on this many model grids, shifted by half a voxel, and average their "
                         "probabilities: finer borders for that many times the network time (default: the preset's)")
-    s.add_argument("--lesion-overlap", choices=("order", "probability"),
-                   help="who wins a voxel that two lesion channels keep (a liver tumour and a hepatic vessel tumour): "
-                        "'order', the lesion painted last, or 'probability', the likelier (default: the preset's)")
     s.add_argument("--no-postprocess", action="store_true", help="skip connected-component post-processing")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_infer)

@@ -33,7 +33,7 @@ from .postprocess import DEFAULT_RULES, merge_order, postprocess_masks
 from .preprocessing import body_crop, left_right_axis, preprocess_transforms
 from .taxonomy import NUM_CLASSES, ROIS, roi
 
-__all__ = ["Segmenter", "Segmentation", "required_channels", "yield_to_likelier_lesions", "LESION_OVERLAP"]
+__all__ = ["Segmenter", "Segmentation", "required_channels"]
 
 
 # half-voxel shifts (in voxels of the preset's spacing) of the grids read for ``subgrids`` = 1, 2, 4, 8
@@ -43,9 +43,6 @@ SUBGRID_SHIFTS = {
     4: [(0, 0, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1)],
     8: [tuple(s) for s in np.ndindex(2, 2, 2)],
 }
-
-
-LESION_OVERLAP = ("order", "probability")
 
 
 def _logit(p: float) -> float:
@@ -78,26 +75,6 @@ def required_channels(rois: Iterable[int]) -> list[int]:
                 if isinstance(v, int) and 1 <= v <= NUM_CLASSES:
                     need.add(v)
     return sorted(need)
-
-
-def yield_to_likelier_lesions(label: np.ndarray, box: tuple[slice, ...], mask: np.ndarray, prob: np.ndarray,
-                              painted: Sequence[tuple]) -> np.ndarray:
-    """``mask`` (a lesion's voxels in ``box`` of the label map) without the voxels where a lesion
-    already painted into ``label`` has a higher probability than this one's ``prob``.
-
-    ``painted`` holds ``(label value, box, mask, probability)`` of the lesions painted before, each
-    probability an array over its own box; a voxel counts for the lesion that holds it in ``label``
-    now. Ties stay with the lesion painted first. Returns a new mask; ``label`` is not changed."""
-    mask = mask.copy()
-    for value, other_box, other_mask, other_prob in painted:
-        inter = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, other_box))
-        if any(s.stop <= s.start for s in inter):
-            continue
-        mine = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inter, box))
-        theirs = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inter, other_box))
-        held = (label[inter] == value) & other_mask[theirs]
-        mask[mine] &= ~(held & (other_prob[theirs] >= prob[mine]))
-    return mask
 
 
 class Segmenter:
@@ -135,20 +112,13 @@ class Segmenter:
         lesion_mirror_rois: the lesion ROIs (names or label values) that get the mirrored pass; default
             the preset's ``infer.lesion_mirror_rois``, else every lesion. A lesion of a symmetric host
             (the lung tumour) is the one a mirrored body does not mislead.
-        lesion_overlap: who wins a voxel that two lesion channels both keep: ``"order"`` (the lesion
-            painted last, :func:`~cdpdnet.postprocess.merge_order`) or ``"probability"`` (the lesion
-            with the higher probability there, on the input grid). Default the preset's
-            ``infer.lesion_overlap``, else ``"order"``. Lesions of one host look alike: a liver tumour
-            and a hepatic vessel tumour are annotated by different datasets, and a channel that fires
-            on the other's lesion usually does so with less confidence than that lesion's own channel.
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str | torch.device = "cpu", overlap: float | None = None,
                  sw_batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
                  amp: bool | None = None, lesion_threshold: float | None = None,
                  roi_thresholds: Mapping[str | int, float] | None = None, lesion_mirror: str | None = None,
-                 lesion_mirror_rois: Sequence[str | int] | None = None, subgrids: int | None = None,
-                 lesion_overlap: str | None = None):
+                 lesion_mirror_rois: Sequence[str | int] | None = None, subgrids: int | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else model_from_checkpoint(model, device)
         self.device = torch.device(device)
         self.loaded.model.to(self.device).eval()
@@ -179,9 +149,6 @@ class Segmenter:
         organs = sorted(ROIS[c - 1].name for c in self.mirror_rois if not ROIS[c - 1].is_lesion)
         if organs:
             raise ValueError(f"lesion_mirror_rois must name lesions (tumours, cyst), got organs {organs}")
-        self.lesion_overlap = str(cfg.get("lesion_overlap") or "order") if lesion_overlap is None else lesion_overlap
-        if self.lesion_overlap not in LESION_OVERLAP:
-            raise ValueError(f"lesion_overlap must be one of {LESION_OVERLAP}, got {self.lesion_overlap!r}")
         self.mode = cfg.get("mode", "gaussian")
         self.sigma_scale = float(cfg.get("sigma_scale", 0.125))
         self.do_postprocess = postprocess
@@ -284,20 +251,14 @@ class Segmenter:
         t["postprocess"] = t["network"] + spent["postprocess"]
 
         out = np.zeros(orig_shape, dtype=np.uint8)
-        painted: list[tuple] = []  # lesions painted so far: (label value, box, mask, probability), for lesion_overlap
         for c in merge_order(wanted):
             thr = self.threshold_of(c)
             parts = [self._soft_on_input_grid(logits[channels.index(c)], masks[c], affine, orig_affine, orig_shape, thr)
                      for logits, masks, affine in read]
-            kept = self._mean_above(parts, len(read), thr)
-            if kept is None:
-                continue
-            box, mask, prob = kept
-            if self.lesion_overlap == "probability" and ROIS[c - 1].is_lesion:
-                mask = yield_to_likelier_lesions(out, box, mask, prob, painted)
-                painted.append((c, box, mask, prob))
-            out[box][mask] = c
-        del read, painted
+            mask = self._mean_above(parts, len(read), thr)
+            if mask is not None:
+                out[mask[0]][mask[1]] = c
+        del read
         t["resample"] = time.perf_counter()
         if output is not None:
             save_label_map(out, orig_affine, output)
@@ -368,20 +329,19 @@ class Segmenter:
     def _mean_above(parts, n: int, threshold: float) -> tuple[tuple[slice, ...], np.ndarray] | None:
         """The mean of ``n`` grids' probabilities (``parts`` from :meth:`_soft_on_input_grid`; a grid
         that kept nothing, or a voxel outside its box, counts 0) above ``threshold``:
-        ``(box in the input grid, bool mask in that box, the mean probability in that box)``."""
+        ``(box in the input grid, bool mask in that box)``."""
         parts = [p for p in parts if p is not None]
         if not parts:
             return None
         if len(parts) == 1 and n == 1:
             lo, hi, soft = parts[0]
-            return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), soft > threshold, soft
+            return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), soft > threshold
         lo = np.min([p[0] for p in parts], axis=0)
         hi = np.max([p[1] for p in parts], axis=0)
         total = np.zeros(tuple(hi - lo), dtype=np.float32)
         for a, b, soft in parts:
             total[tuple(slice(int(i - o), int(j - o)) for i, j, o in zip(a, b, lo))] += soft
-        above = total > threshold * n
-        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), above, total / n
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), total > threshold * n
 
     @staticmethod
     def _as_metatensor(image, affine):

@@ -10,7 +10,7 @@ import torch
 from cdpdnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cdpdnet.factory import model_from_checkpoint
 from cdpdnet.imageio import InvalidImageError
-from cdpdnet.inference import Segmenter, required_channels, yield_to_likelier_lesions
+from cdpdnet.inference import Segmenter, required_channels
 from cdpdnet.phantoms import make_phantom
 from cdpdnet.taxonomy import UnknownROIError, roi_index
 
@@ -273,65 +273,6 @@ def test_roi_thresholds_override_for_single_rois(tiny_checkpoint, monkeypatch):
         Segmenter(tiny_checkpoint, roi_thresholds={"celiac_trunk": 0.0})
 
 
-def test_lesion_overlap_gives_a_voxel_two_lesions_keep_to_the_likelier(tiny_checkpoint, monkeypatch):
-    """Two lesions of the liver, each kept by both lesion channels: ``lesion_overlap="order"`` paints the
-    hepatic vessel tumour (painted last) over both; ``"probability"`` gives each lesion to the channel
-    with the higher probability there; the preset's ``infer.lesion_overlap`` is the default."""
-    n = 40
-    grid = np.stack(np.meshgrid(*[np.arange(n) * 3.0] * 3, indexing="ij"), -1)
-    a = np.linalg.norm(grid - [40.0, 60.0, 60.0], axis=-1) < 12.0
-    b = np.linalg.norm(grid - [80.0, 60.0, 60.0], axis=-1) < 12.0
-    organ = np.linalg.norm(grid - 60.0, axis=-1) < 45.0
-    img = (np.where(organ, 100.0, 0.0) + np.where(a, 100.0, 0.0) + np.where(b, 60.0, 0.0)).astype(np.float32)
-    liver, lt, hvt = roi_index("liver"), roi_index("liver_tumor"), roi_index("hepatic_vessel_tumor")
-
-    def oracle(self, x, channels, task_id=-1):  # lesion a: tumour 0.8, vessel tumour 0.6; b: 0.5 and 0.9
-        out = torch.full((1, len(channels), *x.shape[2:]), -10.0)
-        v = x[0, 0]
-        out[0, channels.index(liver)][v > 0.55] = math.log(0.9 / 0.1)
-        for c, pa, pb in ((lt, 0.8, 0.5), (hvt, 0.6, 0.9)):
-            out[0, channels.index(c)][v > 0.8] = math.log(pa / (1 - pa))
-            out[0, channels.index(c)][(v > 0.7) & (v < 0.8)] = math.log(pb / (1 - pb))
-        return out
-
-    monkeypatch.setattr(Segmenter, "predict_logits", oracle)
-    aff = np.diag([3.0, 3.0, 3.0, 1.0])
-    centre_a, centre_b = (13, 20, 20), (27, 20, 20)
-
-    def labels(seg: Segmenter) -> tuple[int, int]:
-        label = seg.segment(img, rois=["liver", "liver_tumor", "hepatic_vessel_tumor"], affine=aff).label
-        assert (label == liver).sum() > 0.5 * organ.sum()  # organs are painted as before
-        return int(label[centre_a]), int(label[centre_b])
-
-    common = dict(threshold=0.4, lesion_threshold=0.4, roi_thresholds={}, postprocess=False)
-    assert labels(Segmenter(tiny_checkpoint, **common)) == (hvt, hvt)  # "order", the default
-    assert labels(Segmenter(tiny_checkpoint, lesion_overlap="probability", **common)) == (lt, hvt)
-    loaded = model_from_checkpoint(tiny_checkpoint)
-    loaded.preset.infer["lesion_overlap"] = "probability"
-    assert labels(Segmenter(loaded, **common)) == (lt, hvt)
-    assert labels(Segmenter(loaded, lesion_overlap="order", **common)) == (hvt, hvt)
-    with pytest.raises(ValueError, match="lesion_overlap must be one of"):
-        Segmenter(tiny_checkpoint, lesion_overlap="argmax")
-
-
-def test_yield_to_likelier_lesions_compares_with_the_voxels_current_holder():
-    """Boxes that overlap in part; a voxel counts for the lesion that holds it in the label map now, so a
-    lesion that lost a voxel to a third one does not take it back; ties stay with the first painted."""
-    label = np.zeros((6, 4, 4), dtype=np.uint8)
-    first = ((slice(0, 4), slice(0, 4), slice(0, 4)), np.ones((4, 4, 4), bool), np.full((4, 4, 4), 0.7, np.float32))
-    label[first[0]] = 27
-    label[3, 0, 0] = 29  # taken by a likelier third lesion after the first was painted
-    box = (slice(2, 6), slice(0, 4), slice(0, 4))
-    prob = np.full((4, 4, 4), 0.6, np.float32)
-    prob[1] = 0.7  # a tie at x = 3
-    prob[0, 0, 0] = 0.9  # likelier than the first at (2, 0, 0)
-    kept = yield_to_likelier_lesions(label, box, np.ones((4, 4, 4), bool), prob, [(27, *first)])
-    assert kept[2:].all()  # outside the first lesion's box
-    assert kept[0, 0, 0] and not kept[0, 1:].any() and not kept[0, 0, 1:].any()  # x = 2: only where it is likelier
-    assert not kept[1].reshape(-1)[1:].any() and kept[1, 0, 0]  # x = 3: ties stay; (3, 0, 0) is not the first's now
-    assert label[2, 0, 0] == 27  # the label map itself is left to the caller
-
-
 def test_cli_lesion_mirror_follows_the_preset_unless_told_otherwise(tiny_checkpoint, tmp_path, monkeypatch):
     """``cdpdnet infer``: a checkpoint whose preset reads the lung tumour twice (``infer.lesion_mirror``
     ``"max"``, ``lesion_mirror_rois`` ``["lung_tumor"]``, as ``lite-wide``) runs the second, mirrored
@@ -502,12 +443,11 @@ def test_subgrids_average_each_grids_kept_probabilities():
     one grid of two keeps at p 0.9 stays at threshold 0.4 (mean 0.45) and goes at 0.5."""
     lo, hi = np.array([2, 2, 2]), np.array([4, 5, 4])
     one = (lo, hi, np.full((2, 3, 2), 0.9, dtype=np.float32))
-    box, mask, prob = Segmenter._mean_above([one, None], 2, 0.4)
+    box, mask = Segmenter._mean_above([one, None], 2, 0.4)
     assert box == (slice(2, 4), slice(2, 5), slice(2, 4)) and mask.all()
-    assert np.allclose(prob, 0.45)  # the mean probability, for lesion_overlap="probability"
     assert not Segmenter._mean_above([one, None], 2, 0.5)[1].any()
     other = (np.array([3, 2, 2]), np.array([5, 5, 4]), np.full((2, 3, 2), 0.9, dtype=np.float32))
-    box, mask, _ = Segmenter._mean_above([one, other], 2, 0.5)  # the union box; only the overlap passes 0.5
+    box, mask = Segmenter._mean_above([one, other], 2, 0.5)  # the union box; only the overlap passes 0.5
     assert box == (slice(2, 5), slice(2, 5), slice(2, 4))
     assert mask[1].all() and not mask[0].any() and not mask[2].any()
     assert Segmenter._mean_above([None, None], 2, 0.5) is None
