@@ -180,6 +180,13 @@ def _report(out: Path, results: dict, meta: dict, sources: dict[str, tuple[int, 
         lines.append(f"| {r.name} | {n_sources[r.name]} | " + " | ".join(vals) + " |")
     lines.append("| **mean** | | " + " | ".join(f"**{np.nanmean(means[c]):.3f}**" for c in cols) + " |")
     lines.append("| min | | " + " | ".join(f"{np.nanmin(means[c]):.3f}" for c in cols) + " |")
+    # the goal per model: ROIs at 0.70 or more, and the ROIs one source labels against the others
+    lines.append("| ROIs >= 0.70 | | " + " | ".join(f"{sum(v >= 0.7 for v in means[c])}" for c in cols) + " |")
+    one = [n_sources[r.name] == 1 for r in ROIS]
+    for label, keep in ((f"mean, the {sum(one)} ROIs one source labels", True),
+                        (f"mean, the {len(one) - sum(one)} others", False)):
+        lines.append(f"| {label} | | " + " | ".join(
+            f"{np.nanmean([v for v, o in zip(means[c], one) if o == keep]):.3f}" for c in cols) + " |")
     table = "\n".join(lines)
     info = "\n".join(f"- {c}: {meta[c]['iterations']} iterations ({meta[c]['epochs_done']} epochs) in "
                      f"{meta[c]['train_seconds'] / 60:.1f} min; inference {results[c]['_seconds_per_case'][0]:.1f} s "
