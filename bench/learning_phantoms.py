@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--sources", choices=sorted(SOURCE_SETS), default="phantom",
                     help="which ROIs each virtual source annotates, when this writes the phantoms: phantom (5 sources, "
                          "the default) or reference (the 16 sampling keys of the published training data)")
+    ap.add_argument("--scan-protocols", action="store_true",
+                    help="when this writes the phantoms: each source rendered with its own scan protocol "
+                         "(cdpdnet.phantoms.SCAN_PROTOCOLS), so an image tells which source it resembles")
     ap.add_argument("--phantoms", metavar="DIR",
                     help="train and score on the phantom dataset already in DIR (an earlier run's OUT/phantoms, or "
                          "`python -m cdpdnet phantoms DIR`) instead of writing a new one; --per-source and --heldout "
@@ -138,7 +141,7 @@ def main() -> None:
                              "Use a new --out.")
     else:
         data = write_phantom_dataset(out / "phantoms", n_per_source=a.per_source, n_heldout=a.heldout, spacing=(3, 3, 3),
-                                     sources=a.sources)
+                                     sources=a.sources, scan_protocols=a.scan_protocols)
     dl = load_datalist(data)
     results, meta = {}, {}
     for loss in (["partial", "naive"] if a.only is None else [a.only]):

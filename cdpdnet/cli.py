@@ -32,7 +32,8 @@ def cmd_phantoms(a) -> int:
     from .phantoms import write_phantom_dataset
 
     path = write_phantom_dataset(a.out, n_per_source=a.per_source, n_heldout=a.heldout,
-                                 spacing=(a.spacing,) * 3, seed=a.seed, sources=a.sources)
+                                 spacing=(a.spacing,) * 3, seed=a.seed, sources=a.sources,
+                                 scan_protocols=a.scan_protocols)
     print(f"wrote {path}")
     return 0
 
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sources", choices=("phantom", "reference"), default="phantom",
                    help="which ROIs each virtual source annotates: phantom (5 sources, the default) or reference "
                         "(16, one per sampling key of the published CDPDNet training data; 17 ROIs annotated by one)")
+    s.add_argument("--scan-protocols", action="store_true",
+                   help="render each source with its own scan protocol (noise, blur, contrast), as real datasets "
+                        "differ, and each held-out case like one source in turn; default: every case alike")
     s.set_defaults(func=cmd_phantoms)
 
     s = sub.add_parser("train", help="train or fine-tune on a (partially labelled) datalist")

@@ -44,6 +44,12 @@ published sampler; 17 ROIs annotated by one of them); :data:`SOURCE_SETS` names 
 :func:`source_label` turns a full label map into one source's partial label map (ROIs it does not
 annotate become background, except lesions of an annotated host, which become the host), and
 :func:`write_phantom_dataset` writes an MSD-style dataset of them.
+
+Scan protocols: by default every source's phantoms come from one acquisition model, so no image tells
+which source it came from. Real source datasets differ in dose, reconstruction kernel and contrast
+timing, which a network can learn to tell apart. With ``scan_protocols=True``
+:func:`write_phantom_dataset` gives each source one of :data:`SCAN_PROTOCOLS` (noise, blur and
+enhancement that differ between sources), and each held-out case the protocol of one source in turn.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +71,8 @@ __all__ = [
     "source_label",
     "PHANTOM_SOURCES",
     "REFERENCE_PHANTOM_SOURCES",
+    "SCAN_PROTOCOLS",
+    "ScanProtocol",
     "SOURCE_SETS",
     "FULL_SOURCE",
     "DEFAULT_FOV_MM",
@@ -101,6 +109,35 @@ SOURCE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "phantom": PHANTOM_SOURCES,
     "reference": REFERENCE_PHANTOM_SOURCES,
 }
+
+
+
+@dataclass(frozen=True)
+class ScanProtocol:
+    """How one virtual source's scanner renders a phantom.
+
+    ``noise_sd``: white Gaussian noise in HU (dose); ``smoothing_mm``: the FWHM-like blur (reconstruction
+    kernel, slice profile); ``vessel_enhancement`` and ``parenchyma_enhancement`` multiply the HU of the
+    enhancing vessels and organs (contrast dose and timing), on top of each case's own random level.
+    """
+
+    name: str
+    noise_sd: float
+    smoothing_mm: float
+    vessel_enhancement: float = 1.0
+    parenchyma_enhancement: float = 1.0
+
+
+# One protocol per source, in the order of a source set (cycled for more sources). They differ where real
+# datasets differ and keep every ROI visible: the faintest hepatic vessels stay ~35 HU above the liver.
+SCAN_PROTOCOLS: tuple[ScanProtocol, ...] = (
+    ScanProtocol("portal venous, standard dose", noise_sd=14.0, smoothing_mm=1.2),
+    ScanProtocol("low dose, sharp kernel", noise_sd=24.0, smoothing_mm=0.7),
+    ScanProtocol("smooth kernel, high dose", noise_sd=9.0, smoothing_mm=2.0),
+    ScanProtocol("arterial-weighted contrast", noise_sd=14.0, smoothing_mm=1.2, vessel_enhancement=1.25,
+                 parenchyma_enhancement=0.95),
+    ScanProtocol("lower contrast dose", noise_sd=18.0, smoothing_mm=1.0, vessel_enhancement=0.95),
+)
 
 _L = {r.name: r.index for r in ROIS}
 
@@ -947,7 +984,7 @@ class _Builder:
                           wall_band=1.5 * max(self.spacing))
 
     # ----- image synthesis
-    def synthesise(self, noise_sd=None, smoothing_mm=1.2):
+    def synthesise(self, noise_sd=None, smoothing_mm=1.2, vessel_enhancement=1.0, parenchyma_enhancement=1.0):
         rng, shape = self.rng, self.shape
         sp = np.asarray(self.spacing)
         n = len(_TNAMES)
@@ -956,8 +993,8 @@ class _Builder:
         aM = np.array([TISSUES[k][2] for k in _TNAMES], np.float32)
         grp = np.array([TISSUES[k][3] for k in _TNAMES])
         # contrast enhancement level and per-tissue jitter
-        e_par = rng.uniform(0.92, 1.08)
-        e_vas = rng.uniform(0.86, 1.14)
+        e_par = rng.uniform(0.92, 1.08) * parenchyma_enhancement
+        e_vas = rng.uniform(0.86, 1.14) * vessel_enhancement
         base = np.where(grp == 1, base * e_par, np.where(grp == 2, base * e_vas, base)).astype(np.float32)
         base += rng.uniform(-4, 4, n).astype(np.float32) * (grp > 0)
         # low-frequency texture (~20 mm) and mid-frequency texture (~3 mm)
@@ -1007,17 +1044,24 @@ def make_phantom(
     noise_sd: float | None = None,
     smoothing_mm: float = 1.2,
     pose: bool = True,
+    protocol: ScanProtocol | None = None,
 ) -> Phantom:
     """A synthetic CT phantom with all 32 ROIs (deterministic for ``seed``).
 
     ``spacing`` in mm (x, y, z); ``shape`` defaults to ``fov_mm / spacing`` (110 x 87 x 150 at
     3 mm); the field of view is centred on world (0, 0, 0). ``noise_sd`` (HU) defaults to a random
     value in 10..20; ``smoothing_mm`` is the FWHM-like width of the blur; ``pose=False`` disables the
-    random global rotation, translation and scale.
+    random global rotation, translation and scale. ``protocol`` (one of :data:`SCAN_PROTOCOLS`, or
+    your own) sets the noise and blur instead of ``noise_sd`` and ``smoothing_mm`` and scales the
+    contrast enhancement; the anatomy of a seed is the same under every protocol.
     """
     b = _Builder(int(seed), spacing, shape, fov_mm, pose)
     b.build()
-    image, _ = b.synthesise(noise_sd, smoothing_mm)
+    if protocol is None:
+        image, _ = b.synthesise(noise_sd, smoothing_mm)
+    else:
+        image, _ = b.synthesise(protocol.noise_sd, protocol.smoothing_mm, protocol.vessel_enhancement,
+                                protocol.parenchyma_enhancement)
     return Phantom(image=image, label=b.lab, affine=b.affine, spacing=b.spacing, seed=int(seed),
                    organ_label=b.organ_label, lesions=b.lesions)
 
@@ -1045,6 +1089,7 @@ def write_phantom_dataset(
     spacing: Sequence[float] = (3.0, 3.0, 3.0),
     seed: int = 0,
     sources: str | dict[str, Sequence[str]] | None = None,
+    scan_protocols: bool = False,
 ) -> Path:
     """Write an MSD-style partially labelled phantom dataset; returns the path of ``dataset.json``.
 
@@ -1053,7 +1098,10 @@ def write_phantom_dataset(
     cases under ``imagesTs``/``labelsTs``. Every case has its own seed (``seed * 100000 + k``), so two
     source sets with the same number of cases in all and the same ``seed`` hold the same images, labelled
     differently. ``sources``: ``{name: ROI names}``, or a name of :data:`SOURCE_SETS` (default
-    :data:`PHANTOM_SOURCES`).
+    :data:`PHANTOM_SOURCES`). ``scan_protocols``: the k-th source's cases are rendered with
+    ``SCAN_PROTOCOLS[k % 5]`` and held-out case i with the protocol of source ``i % len(sources)``, so
+    an image tells which source it resembles (the dataset records each case's ``protocol``); by
+    default every case is rendered alike, with random noise.
     """
     if isinstance(sources, str):
         if sources not in SOURCE_SETS:
@@ -1066,6 +1114,8 @@ def write_phantom_dataset(
     for names in sources.values():
         for n in names:
             roi(n)  # validate
+    protocols = ({src: SCAN_PROTOCOLS[j % len(SCAN_PROTOCOLS)] for j, src in enumerate(sources)}
+                 if scan_protocols else {})
     k = 0
     training, test = [], []
     for src, names in sources.items():
@@ -1073,22 +1123,25 @@ def write_phantom_dataset(
         for i in range(n_per_source):
             case_seed = int(seed) * 100000 + k
             k += 1
-            ph = make_phantom(case_seed, spacing)
+            ph = make_phantom(case_seed, spacing, protocol=protocols.get(src))
             cid = f"{src}_{i:03d}"
             _save_nifti_atomic(ph.image, ph.affine, out / "imagesTr" / f"{cid}.nii.gz")
             _save_nifti_atomic(source_label(ph.label, ph.organ_label, canon), ph.affine, out / "labelsTr" / f"{cid}.nii.gz")
             training.append({"image": f"imagesTr/{cid}.nii.gz", "label": f"labelsTr/{cid}.nii.gz",
-                             "source": src, "annotated": canon, "seed": case_seed})
+                             "source": src, "annotated": canon, "seed": case_seed,
+                             **({"protocol": protocols[src].name} if protocols else {})})
     all_names = [r.name for r in ROIS]
     for i in range(n_heldout):
         case_seed = int(seed) * 100000 + k
         k += 1
-        ph = make_phantom(case_seed, spacing)
+        like = list(sources)[i % len(sources)] if protocols else None
+        ph = make_phantom(case_seed, spacing, protocol=protocols.get(like))
         cid = f"{FULL_SOURCE}_{i:03d}"
         _save_nifti_atomic(ph.image, ph.affine, out / "imagesTs" / f"{cid}.nii.gz")
         _save_nifti_atomic(ph.label, ph.affine, out / "labelsTs" / f"{cid}.nii.gz")
         test.append({"image": f"imagesTs/{cid}.nii.gz", "label": f"labelsTs/{cid}.nii.gz",
-                     "source": FULL_SOURCE, "annotated": all_names, "seed": case_seed})
+                     "source": FULL_SOURCE, "annotated": all_names, "seed": case_seed,
+                     **({"protocol": protocols[like].name, "scanned_like": like} if protocols else {})})
     labels = {"0": "background", **{str(r.index): r.name for r in ROIS}}
     ds = {
         "name": "cdpdnet-phantoms",
@@ -1101,6 +1154,7 @@ def write_phantom_dataset(
         "labels": labels,
         "spacing": [float(s) for s in spacing],
         "sources": {s: [roi(n).name for n in names] for s, names in sources.items()},
+        **({"scan_protocols": {s: asdict(p) for s, p in protocols.items()}} if protocols else {}),
         "numTraining": len(training),
         "numTest": len(test),
         "training": training,
