@@ -109,7 +109,8 @@ def main() -> None:
         if not (out / "results.json").is_file():
             raise SystemExit(f"--rescore: {out / 'results.json'} not found (train into --out first)")
         meta = json.loads((out / "results.json").read_text())["meta"]
-        dl = load_datalist(a.test_data or out / "phantoms" / "dataset.json")
+        test_json = Path(a.test_data or out / "phantoms" / "dataset.json")
+        dl = load_datalist(test_json)
         infer = {"lesion_threshold": a.lesion_threshold, "overlap": a.overlap, "lesion_mirror": a.lesion_mirror,
                  "lesion_mirror_rois": a.lesion_mirror_rois.split(",") if a.lesion_mirror_rois else None,
                  "subgrids": a.subgrids,
@@ -126,7 +127,7 @@ def main() -> None:
                + (f"-sg{a.subgrids}" if a.subgrids else "")
                + ("-" + Path(a.test_data).parent.name if a.test_data else ""))
         _report(out, results, meta, _training_sources(load_datalist(out / "phantoms" / "dataset.json")),
-                suffix=tag)  # the training run's own report stays
+                suffix=tag, scanned_like=_scanned_like(test_json))  # the training run's own report stays
         return
     if a.phantoms:
         data = Path(a.phantoms) / "dataset.json"
@@ -153,7 +154,7 @@ def main() -> None:
                       "iterations": _iterations(out / loss), "last_loss": summary["last_loss"]}
         results[loss] = evaluate(summary["model"], dl.test)
         print(loss, json.dumps(meta[loss]), flush=True)
-    _report(out, results, meta, _training_sources(dl))
+    _report(out, results, meta, _training_sources(dl), scanned_like=_scanned_like(data))
 
 
 def _training_sources(dl) -> dict[str, tuple[int, ...]]:
@@ -163,7 +164,13 @@ def _training_sources(dl) -> dict[str, tuple[int, ...]]:
     return {k: v for k, v in dl.sources.items() if k != FULL_SOURCE}
 
 
-def _report(out: Path, results: dict, meta: dict, sources: dict[str, tuple[int, ...]], suffix: str = "") -> None:
+def _scanned_like(dataset_json: Path) -> list[str | None]:
+    """For each held-out case, the source whose scan protocol rendered it (``--scan-protocols``), else None."""
+    return [c.get("scanned_like") for c in json.loads(Path(dataset_json).read_text()).get("test", [])]
+
+
+def _report(out: Path, results: dict, meta: dict, sources: dict[str, tuple[int, ...]], suffix: str = "",
+            scanned_like: list[str | None] | None = None) -> None:
     import numpy as np
 
     from cdpdnet.taxonomy import ROIS
@@ -190,6 +197,16 @@ def _report(out: Path, results: dict, meta: dict, sources: dict[str, tuple[int, 
                         (f"mean, the {len(one) - sum(one)} others", False)):
         lines.append(f"| {label} | | " + " | ".join(
             f"{np.nanmean([v for v, o in zip(means[c], one) if o == keep]):.3f}" for c in cols) + " |")
+    # phantoms scanned like one source each: the ROIs that source labels against those it leaves unlabelled, which a
+    # model that learnt to tell the sources apart may have learnt to leave out
+    like = scanned_like or []
+    n_cases = len(results[cols[0]][ROIS[0].name])
+    if any(like) and len(like) == n_cases and all(s in sources for s in like):
+        for label, keep in (("mean over each case, the ROIs the source it is scanned like labels", True),
+                            ("mean over each case, the ROIs that source leaves unlabelled", False)):
+            vals = {c: [results[c][r.name][i] for i in range(n_cases) for r in ROIS
+                        if (r.index in sources[like[i]]) == keep] for c in cols}
+            lines.append(f"| {label} | | " + " | ".join(f"{np.nanmean(vals[c]):.3f}" for c in cols) + " |")
     table = "\n".join(lines)
     info = "\n".join(f"- {c}: {meta[c]['iterations']} iterations ({meta[c]['epochs_done']} epochs) in "
                      f"{meta[c]['train_seconds'] / 60:.1f} min; inference {results[c]['_seconds_per_case'][0]:.1f} s "
