@@ -111,7 +111,6 @@ SOURCE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-
 @dataclass(frozen=True)
 class ScanProtocol:
     """How one virtual source's scanner renders a phantom.
