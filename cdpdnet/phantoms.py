@@ -1099,7 +1099,7 @@ def write_phantom_dataset(
     source sets with the same number of cases in all and the same ``seed`` hold the same images, labelled
     differently. ``sources``: ``{name: ROI names}``, or a name of :data:`SOURCE_SETS` (default
     :data:`PHANTOM_SOURCES`). ``scan_protocols``: the k-th source's cases are rendered with
-    ``SCAN_PROTOCOLS[k % 5]`` and held-out case i with the protocol of source ``i % len(sources)``, so
+    ``SCAN_PROTOCOLS[k % len(SCAN_PROTOCOLS)]`` and held-out case i with the protocol of source ``i % len(sources)``, so
     an image tells which source it resembles (the dataset records each case's ``protocol``); by
     default every case is rendered alike, with random noise.
     """
