@@ -129,7 +129,7 @@ class ScanProtocol:
 
 # One protocol per source, in the order of a source set (cycled for more sources). They differ where real
 # datasets differ and keep every ROI visible: at the extremes of each case's random enhancement the hepatic
-# vessels stay ~32 HU above the liver (~39 HU without a protocol).
+# vessels (165 HU) stay ~32 HU above the liver (95 HU), ~39 HU without a protocol, before the +-4 HU per-tissue jitter.
 SCAN_PROTOCOLS: tuple[ScanProtocol, ...] = (
     ScanProtocol("portal venous, standard dose", noise_sd=14.0, smoothing_mm=1.2),
     ScanProtocol("low dose, sharp kernel", noise_sd=24.0, smoothing_mm=0.7),

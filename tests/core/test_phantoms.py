@@ -1,5 +1,6 @@
 """Tests of the synthetic CT phantom generator (cdpdnet.phantoms). Fast: a handful of 3 mm phantoms."""
 
+import dataclasses
 import json
 import time
 
@@ -269,11 +270,7 @@ def test_write_phantom_dataset_with_scan_protocols(tmp_path, capsys):
                  "--scan-protocols"]) == 0
     ds = json.loads((tmp_path / "p" / "dataset.json").read_text())
     sources = list(PHANTOM_SOURCES)
-    assert ds["scan_protocols"] == {s: {"name": SCAN_PROTOCOLS[k].name, "noise_sd": SCAN_PROTOCOLS[k].noise_sd,
-                                        "smoothing_mm": SCAN_PROTOCOLS[k].smoothing_mm,
-                                        "vessel_enhancement": SCAN_PROTOCOLS[k].vessel_enhancement,
-                                        "parenchyma_enhancement": SCAN_PROTOCOLS[k].parenchyma_enhancement}
-                                    for k, s in enumerate(sources)}
+    assert ds["scan_protocols"] == {s: dataclasses.asdict(SCAN_PROTOCOLS[k]) for k, s in enumerate(sources)}
     assert [(c["source"], c["protocol"]) for c in ds["training"]] == [(s, SCAN_PROTOCOLS[k].name)
                                                                        for k, s in enumerate(sources)]
     assert [c["scanned_like"] for c in ds["test"]] == sources + sources[:1]
