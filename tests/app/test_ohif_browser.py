@@ -91,9 +91,10 @@ def test_ohif_auto_segmentation_shows_roi_segments(tmp_path, pacs, demo_series, 
             run.wait_for(timeout=60_000)
             # the panel writes a result into the labelmap it creates on connecting, and drops the result
             # ("Volume Object is NOT In Cache") when that labelmap is not there yet: a user sees the
-            # segment list appear before pressing Run; a loaded CI machine can take a while to get there
-            page.wait_for_function("() => !!window.services.segmentationService.getLabelmapVolume('1')",
-                                   timeout=120_000)
+            # segment list appear before pressing Run; a loaded CI machine can take a while to get there.
+            # getLabelmapVolume throws until the segmentation exists, which would end the wait at once
+            page.wait_for_function("""() => { const s = window.services.segmentationService;
+                return !!(s.getSegmentation('1') && s.getLabelmapVolume('1')); }""", timeout=120_000)
             time.sleep(3)
             before = _png(page, "ohif-before-autoseg.png")
             # the panel's notice shows for a few seconds only: note it whenever it appears
