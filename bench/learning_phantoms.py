@@ -4,7 +4,10 @@
 2. the naive baseline: the same model and budget, unannotated ROIs treated as background.
 
 Both are evaluated on fully labelled held-out phantoms (Dice per ROI); a Markdown table is printed
-and written to ``--out``. Usage::
+and written to ``--out``. Each virtual source's phantoms are rendered with its own scan protocol, and
+held-out phantom i like source i, so that, as with real source datasets, an image tells which source
+it resembles (``--no-scan-protocols``: every source rendered alike, the benchmark before 2026-12-05).
+Usage::
 
     HF_HUB_OFFLINE=1 python bench/learning_phantoms.py --minutes 20 --out runs/bench-learning
     HF_HUB_OFFLINE=1 python bench/learning_phantoms.py --out runs/bench-learning --rescore  # no training:
@@ -59,13 +62,17 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget per model")
     ap.add_argument("--per-source", type=int, default=48,
                     help="training phantoms per virtual source (default 48; 8 before 2026-11-30, see docs/benchmarks.md)")
-    ap.add_argument("--heldout", type=int, default=3)
+    ap.add_argument("--heldout", type=int, default=5,
+                    help="fully labelled held-out phantoms (default 5: with scan protocols, one scanned like each of "
+                         "the 5 sources; 3 before 2026-12-05)")
     ap.add_argument("--sources", choices=sorted(SOURCE_SETS), default="phantom",
                     help="which ROIs each virtual source annotates, when this writes the phantoms: phantom (5 sources, "
                          "the default) or reference (the 16 sampling keys of the published training data)")
-    ap.add_argument("--scan-protocols", action="store_true",
+    ap.add_argument("--scan-protocols", action=argparse.BooleanOptionalAction, default=True,
                     help="when this writes the phantoms: each source rendered with its own scan protocol "
-                         "(cdpdnet.phantoms.SCAN_PROTOCOLS), so an image tells which source it resembles")
+                         "(cdpdnet.phantoms.SCAN_PROTOCOLS), so an image tells which source it resembles, as real "
+                         "source datasets do (the default since 2026-12-05; --no-scan-protocols renders every source "
+                         "alike, as before)")
     ap.add_argument("--phantoms", metavar="DIR",
                     help="train and score on the phantom dataset already in DIR (an earlier run's OUT/phantoms, or "
                          "`python -m cdpdnet phantoms DIR`) instead of writing a new one; --per-source and --heldout "
