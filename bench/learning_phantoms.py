@@ -72,7 +72,8 @@ def main() -> None:
                     help="when this writes the phantoms: each source rendered with its own scan protocol "
                          "(cdpdnet.phantoms.SCAN_PROTOCOLS), so an image tells which source it resembles, as real "
                          "source datasets do (the default since 2026-12-05; --no-scan-protocols renders every source "
-                         "alike, as before)")
+                         "alike, as before; with --sources reference the 5 protocols cycle over the 16 sources, a "
+                         "combination not measured yet)")
     ap.add_argument("--phantoms", metavar="DIR",
                     help="train and score on the phantom dataset already in DIR (an earlier run's OUT/phantoms, or "
                          "`python -m cdpdnet phantoms DIR`) instead of writing a new one; --per-source and --heldout "
